@@ -1,0 +1,183 @@
+"""Command-line entry for the tools: Hydra composition with one-line errors.
+
+Every override is checked before any work (unknown group option, unknown key, wrong value type),
+then Hydra's own ``main`` runs the task, so multirun (-m), launchers and sweepers work as usual.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from instseg.config import CONFIG_DIR
+from instseg.errors import ConfigError
+
+# Hydra flags that only print or locate things, and make our checks moot.
+_PASS_THROUGH_FLAGS = ('--help', '-h', '--hydra-help', '--info', '-i', '--version', '--shell-completion', '-sc')
+
+
+def group_options(group: str) -> list:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob('*.yaml'))
+
+
+def _is_group(key: str) -> bool:
+    return (CONFIG_DIR / key.lstrip('/')).is_dir()
+
+
+def compose(config_name: str, overrides: Iterable[str] = ()) -> DictConfig:
+    """Composes ``configs/<config_name>.yaml`` with ``overrides`` (the compose API, for tools and
+    tests), checking them as the command line does. Raises ConfigError with a one-line message."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base='1.3', config_dir=str(CONFIG_DIR), job_name=config_name):
+        try:
+            cfg = hydra_compose(config_name, overrides)
+        except (HydraException, OmegaConfBaseException) as e:
+            raise ConfigError(_explain(e, config_name, overrides, hydra_compose)) from None
+        base = hydra_compose(config_name, [o for o in overrides if _is_group(o.split('=')[0].lstrip('+~'))])
+    _check_types(cfg, base, overrides)
+    _check_resolvable(cfg)
+    return cfg
+
+
+def _explain(error: Exception, config_name: str, overrides: list, hydra_compose) -> str:
+    import re
+    text = str(error)
+    missing = re.search(r"Could not find '([^']+)'", text)
+    if missing:
+        group, _, option = missing.group(1).rpartition('/')
+        if group and _is_group(group):
+            return f"{group}={option}: no such option; valid choices: {', '.join(group_options(group))}"
+    key = re.search(r"Could not (?:override|append to|delete from) '([^']+)'", text) or \
+        re.search(r"Key '([^']+)' is not in struct", text)
+    if key:
+        full = key.group(1)
+        parent, _, leaf = full.rpartition('.')
+        try:
+            node = hydra_compose(config_name, [o for o in overrides if o.split('=')[0].lstrip('+~') != full])
+            node = OmegaConf.select(node, parent) if parent else node
+            valid = ', '.join(str(k) for k in node.keys()) if isinstance(node, DictConfig) else ''
+        except Exception:  # noqa: BLE001 - best effort: the message without the list
+            valid = ''
+        where = f' of {parent}' if parent else ''
+        return f"unknown key '{full}'" + (f'; valid keys{where}: {valid}' if valid else '')
+    return text.strip().splitlines()[0]
+
+
+def _check_types(cfg: DictConfig, base: DictConfig, overrides: list) -> None:
+    """A value given on the command line must have the type of the value it replaces."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if override.is_delete() or override.is_add() or _is_group(key) or key.startswith('hydra.'):
+            continue
+        parent, _, leaf = key.rpartition('.')
+        parent_node = OmegaConf.select(base, parent) if parent else base
+        if not isinstance(parent_node, DictConfig) or leaf not in parent_node \
+                or OmegaConf.is_interpolation(parent_node, leaf):
+            continue  # new keys (+key=...) and interpolated values take what they are given
+        old = parent_node[leaf]
+        new = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        if old is None or new is None:
+            continue
+        if not _same_kind(old, new):
+            raise ConfigError(f'{key}: expected {_kind(old)}, got {override.get_value_element_as_str()!r}')
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return 'a boolean (true/false)'
+    if isinstance(value, (int, float)):
+        return 'a number' if isinstance(value, float) else 'an integer'
+    if isinstance(value, (list, ListConfig)):
+        return 'a list'
+    if isinstance(value, (dict, DictConfig)):
+        return 'a mapping'
+    return 'a string'
+
+
+def _same_kind(old: Any, new: Any) -> bool:
+    if isinstance(old, bool) or isinstance(new, bool):
+        return isinstance(old, bool) and isinstance(new, bool)
+    if isinstance(old, float):
+        return isinstance(new, (int, float))
+    return _kind(old) == _kind(new)
+
+
+def _check_resolvable(cfg: DictConfig) -> None:
+    """Resolves every interpolation now (class names from annotation files, data set paths), so
+    their errors come before any work. The hydra node resolves only inside a running job."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    for key in cfg:
+        if key == 'hydra':
+            continue
+        try:
+            OmegaConf.to_container(cfg[key] if isinstance(cfg[key], (DictConfig, ListConfig)) else
+                                   OmegaConf.create({key: cfg[key]}), resolve=True)
+        except OmegaConfBaseException as e:
+            cause = e
+            while cause is not None and not isinstance(cause, ConfigError):
+                cause = cause.__cause__ or cause.__context__
+            raise ConfigError(str(cause) if cause else f'{key}: {str(e).splitlines()[0]}') from None
+
+
+def fail(error: Exception, code: int = 2) -> None:
+    print(f'error: {error}', file=sys.stderr)
+    sys.exit(code)
+
+
+def main(config_name: str, task: Callable[[DictConfig], Any]) -> None:
+    """Runs ``task(cfg)`` under Hydra for ``configs/<config_name>.yaml`` and the command line."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    args = sys.argv[1:]
+    if not any(a in _PASS_THROUGH_FLAGS or a.startswith('--cfg') or a == '-c' for a in args):
+        try:
+            _check_command_line(config_name, args)
+        except ConfigError as e:
+            fail(e)
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base='1.3')
+    def _run(cfg: DictConfig) -> Any:
+        # Multirun gives each job its own directory under the sweep's: make that the work_dir.
+        cfg.work_dir = str(Path(HydraConfig.get().runtime.output_dir).resolve())
+        try:
+            return task(cfg)
+        except ConfigError as e:
+            fail(e)
+
+    _run()
+
+
+def _check_command_line(config_name: str, args: list) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in args if not a.startswith('-')]
+    if not any(a in ('-m', '--multirun') for a in args):
+        compose(config_name, overrides)
+        return
+    # Multirun: check every swept value once, with the first value of the other sweeps.
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    firsts = [_with_value(o, next(iter(o.sweep_string_iterator()))) if o.is_sweep_override()
+              else o.input_line for o in parsed]
+    compose(config_name, firsts)
+    for i, o in enumerate(parsed):
+        if o.is_sweep_override():
+            for value in o.sweep_string_iterator():
+                compose(config_name, firsts[:i] + [_with_value(o, value)] + firsts[i + 1:])
+
+
+def _with_value(override, value: str) -> str:
+    prefix = {'ADD': '+', 'FORCE_ADD': '++', 'DEL': '~'}.get(override.type.name, '')
+    return f'{prefix}{override.key_or_group}={value}'

@@ -1,0 +1,208 @@
+"""Composed Hydra config -> mmengine Config: the one place that knows both shapes.
+
+The YAML under configs/ is mmdet-shaped where mmdet has a shape (model, optimizer) and plain
+knobs elsewhere (data paths, scale, schedule length, intervals). This module turns the knobs into
+mmengine's dataloaders, loops, hooks and schedulers; nothing else in instseg builds those dicts.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from instseg.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / 'configs'
+# COCO's 12 summary statistics, in pycocotools' order; the keys of metrics.json.
+COCO_STAT_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl',
+                   'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl')
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get('INSTSEG_CACHE', Path.home() / '.cache' / 'instseg'))
+
+
+# ----------------------------------------------------------------------------- resolvers
+def _synthetic_root(spec) -> str:
+    from instseg.data import synthetic
+    return str(synthetic.dataset_dir(cache_dir() / 'data', _synthetic_spec(spec)))
+
+
+def _synthetic_spec(spec):
+    from instseg.data import synthetic
+    try:
+        return synthetic.SyntheticSpec(**OmegaConf.to_container(spec))
+    except TypeError as e:
+        raise ConfigError(f'data.synthetic: {e}') from None
+
+
+def _synthetic_classes():
+    from instseg.data import synthetic
+    return list(synthetic.CLASSES)
+
+
+def _coco_classes(root, ann) -> list:
+    from instseg.data.coco import category_names
+    try:
+        return category_names(Path(root) / ann)
+    except ConfigError as e:
+        raise ConfigError(f'data.classes (read from data.root/data.train.ann): {e}') from None
+
+
+def _coco80():
+    from mmdet.datasets import CocoDataset
+    return list(CocoDataset.METAINFO['classes'])
+
+
+def register_resolvers() -> None:
+    OmegaConf.register_new_resolver('len', len, replace=True)
+    OmegaConf.register_new_resolver('instseg.synthetic_root', _synthetic_root, replace=True)
+    OmegaConf.register_new_resolver('instseg.synthetic_classes', _synthetic_classes, replace=True)
+    OmegaConf.register_new_resolver('instseg.coco_classes', _coco_classes, replace=True)
+    OmegaConf.register_new_resolver('instseg.coco80_classes', _coco80, replace=True)
+    OmegaConf.register_new_resolver('instseg.dirname', lambda p: str(Path(p).parent), replace=True)
+
+
+register_resolvers()
+
+
+# ----------------------------------------------------------------------------- translation
+def to_mmengine(cfg: DictConfig, *, mode: str = 'train', checkpoint: str | None = None,
+                format_only: bool = False):
+    """Builds the mmengine ``Config`` for ``mode`` ('train' or 'test') from a composed config."""
+    from mmengine.config import Config
+
+    c = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    data, schedule, runtime = c['data'], c['schedule'], c['runtime']
+    by_epoch = schedule['by_epoch']
+    model = dict(c['model'])
+    model.pop('name', None)
+    _set_backbone_init(model, pretrained=c['pretrained'])
+    work_dir = str(Path(c['work_dir']).resolve())
+
+    eval_split = data['test'] if mode == 'test' else data['val']
+    evaluator = dict(type='InstsegCocoMetric', ann_file=os.path.join(data['root'], eval_split['ann']),
+                     metric=['bbox', 'segm'], classwise=True, format_only=format_only,
+                     outfile_prefix=os.path.join(work_dir, 'results') if mode == 'test' else None)
+    mm = dict(
+        default_scope='instseg',
+        work_dir=work_dir,
+        model=model,
+        train_dataloader=_dataloader(data, data['train'], schedule, train=True),
+        val_dataloader=_dataloader(data, data['val'], schedule, train=False),
+        test_dataloader=_dataloader(data, eval_split, schedule, train=False),
+        val_evaluator=evaluator,
+        test_evaluator=evaluator,
+        train_cfg=(dict(type='EpochBasedTrainLoop', max_epochs=schedule['max_epochs'],
+                        val_interval=schedule['val_interval']) if by_epoch else
+                   dict(type='IterBasedTrainLoop', max_iters=schedule['max_iters'],
+                        val_interval=schedule['val_interval'])),
+        val_cfg=dict(type='ValLoop'),
+        test_cfg=dict(type='TestLoop'),
+        optim_wrapper=dict(type='AmpOptimWrapper' if c['amp'] else 'OptimWrapper',
+                           optimizer=schedule['optimizer'], clip_grad=schedule['clip_grad']),
+        param_scheduler=_param_schedulers(schedule),
+        auto_scale_lr=dict(enable=schedule['auto_scale_lr'], base_batch_size=schedule['base_batch_size']),
+        default_hooks=dict(
+            timer=dict(type='IterTimerHook'),
+            logger=dict(type='LoggerHook', interval=runtime['log_interval']),
+            param_scheduler=dict(type='ParamSchedulerHook'),
+            checkpoint=dict(type='CheckpointHook', interval=runtime['checkpoint_interval'],
+                            by_epoch=by_epoch, max_keep_ckpts=runtime['max_keep_checkpoints'],
+                            save_last=True),
+            sampler_seed=dict(type='DistSamplerSeedHook'),
+            visualization=dict(type='DetVisualizationHook')),
+        custom_hooks=[dict(type='RNGStateHook'), dict(type='MetricsFileHook')],
+        log_processor=dict(type='LogProcessor', window_size=runtime['log_interval'], by_epoch=by_epoch),
+        visualizer=dict(type='DetLocalVisualizer', name='visualizer', vis_backends=(
+            [dict(type='LocalVisBackend')] + ([dict(type='TensorboardVisBackend')] if runtime['tensorboard'] else []))),
+        env_cfg=dict(cudnn_benchmark=runtime['cudnn_benchmark'],
+                     mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+                     dist_cfg=dict(backend='nccl' if _cuda() else 'gloo')),
+        launcher=_launcher(c['launcher']),
+        randomness=dict(seed=c['seed'], deterministic=c['deterministic']),
+        log_level='INFO',
+        resume=bool(c['resume']) and mode == 'train',
+        load_from=checkpoint if mode == 'test' else c['load_from'],
+    )
+    return Config(mm)
+
+
+def _dataloader(data, split, schedule, *, train: bool) -> dict:
+    scale = tuple(data['scale'])  # mmcv's Resize wants a tuple
+    load = [dict(type='LoadImageFromFile'), dict(type='LoadAnnotations', with_bbox=True, with_mask=True)]
+    resize = dict(type='Resize', scale=scale, keep_ratio=True)
+    if train:
+        pipeline = load + [resize, dict(type='RandomFlip', prob=data['flip_prob']), dict(type='PackDetInputs')]
+    else:  # annotations are loaded after resizing so masks are evaluated at the original size
+        pipeline = [load[0], resize, load[1], dict(
+            type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'))]
+    dataset = dict(type='CocoDataset', data_root=data['root'], ann_file=split['ann'],
+                   data_prefix=dict(img=split['img']), metainfo=dict(classes=tuple(data['classes'])),
+                   pipeline=pipeline)
+    if train:
+        dataset['filter_cfg'] = dict(filter_empty_gt=True, min_size=8)
+    else:
+        dataset['test_mode'] = True
+    workers = schedule['num_workers']
+    return dict(batch_size=schedule['batch_size'] if train else 1, num_workers=workers,
+                persistent_workers=workers > 0, drop_last=False,
+                sampler=dict(type='DefaultSampler', shuffle=train),
+                batch_sampler=dict(type='AspectRatioBatchSampler') if train else None,
+                dataset=dataset)
+
+
+def _param_schedulers(s) -> list:
+    by_epoch = s['by_epoch']
+    length = s['max_epochs'] if by_epoch else s['max_iters']
+    schedulers = []
+    if s['warmup_iters']:
+        schedulers.append(dict(type='LinearLR', start_factor=s['warmup_ratio'], by_epoch=False,
+                               begin=0, end=s['warmup_iters']))
+    if s['policy'] == 'step':
+        if s['steps']:
+            schedulers.append(dict(type='MultiStepLR', by_epoch=by_epoch, begin=0, end=length,
+                                   milestones=list(s['steps']), gamma=s['gamma']))
+    elif s['policy'] == 'cosine':
+        begin = 0 if by_epoch else s['warmup_iters']
+        schedulers.append(dict(type='CosineAnnealingLR', by_epoch=by_epoch, begin=begin, end=length,
+                               T_max=length - begin, eta_min_ratio=0.01, convert_to_iter_based=by_epoch))
+    else:
+        raise ConfigError(f"schedule.policy: '{s['policy']}' is not one of: step, cosine")
+    return schedulers
+
+
+def _set_backbone_init(model: dict, *, pretrained: bool) -> None:
+    """ImageNet init needs torchvision's weights; without them, train the backbone from scratch:
+    all stages trainable and BatchNorm statistics updated (frozen random BN would never learn)."""
+    backbone = model.get('backbone') or {}
+    init = backbone.get('init_cfg') or {}
+    if init.get('type') != 'Pretrained':
+        return
+    if pretrained and str(init.get('checkpoint', '')).startswith('torchvision://') \
+            and importlib.util.find_spec('torchvision') is None:
+        warnings.warn(f"pretrained=true but torchvision is not installed: "
+                      f"{init['checkpoint']} is unreachable, the backbone starts from random init")
+        pretrained = None  # keep the recipe's architecture (frozen stem, BN eval) as it is
+    if not pretrained:
+        backbone.pop('init_cfg')
+        if pretrained is False:
+            backbone.update(frozen_stages=-1, norm_eval=False)
+
+
+def _launcher(launcher: str) -> str:
+    if launcher != 'auto':
+        return launcher
+    if 'LOCAL_RANK' in os.environ and int(os.environ.get('WORLD_SIZE', '1')) > 1:
+        return 'pytorch'  # torchrun
+    if int(os.environ.get('SLURM_NTASKS', '1')) > 1 and 'SLURM_PROCID' in os.environ:
+        return 'slurm'
+    return 'none'
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()

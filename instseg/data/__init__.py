@@ -1,0 +1,1 @@
+"""Data sets: the built-in synthetic generator and checks for user COCO-format data."""

@@ -1,0 +1,129 @@
+"""Train and test entry points: check the inputs, translate the config, let mmengine's Runner run."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from instseg.config import COCO_STAT_NAMES, to_mmengine
+from instseg.data.coco import check_classes
+from instseg.errors import ConfigError
+
+
+def prepare_data(cfg: DictConfig, splits) -> None:
+    """Generates the synthetic set on first use and checks the annotation files of ``splits``
+    against ``data.classes``, so a typo fails now, not as AP = 0 after training."""
+    data = cfg.data
+    if 'synthetic' in data:
+        from instseg.data import synthetic
+        synthetic.ensure_dataset(data.root, synthetic.SyntheticSpec(**data.synthetic))
+    for split in splits:
+        ann = Path(data.root) / data[split].ann
+        check_classes(list(data.classes), ann, f'data.classes (data.{split}.ann)')
+        images = Path(data.root) / data[split].img
+        if not images.is_dir():
+            raise ConfigError(f'data.{split}.img: image directory not found: {images}')
+
+
+def check_device(cfg: DictConfig) -> None:
+    import torch
+    if cfg.amp and not torch.cuda.is_available():
+        raise ConfigError('amp=true needs a CUDA GPU and none is available; drop amp=true to train on CPU')
+
+
+def save_config(cfg: DictConfig, work_dir: Path) -> None:
+    """Saves the fully resolved config; a different earlier one (resume) is kept beside it."""
+    path = work_dir / 'config.yaml'
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    if path.exists() and path.read_text() != text:
+        path.rename(work_dir / f'config.{time.strftime("%Y%m%d_%H%M%S")}.yaml')
+    path.write_text(text)
+
+
+def train(cfg: DictConfig) -> dict:
+    from mmengine.runner import Runner
+
+    work_dir = Path(cfg.work_dir)
+    has_run = (work_dir / 'last_checkpoint').is_file()
+    if cfg.resume and not has_run:
+        raise ConfigError(f'resume=true: no checkpoint in {work_dir}; pass work_dir=DIR of the run to continue')
+    if has_run and not cfg.resume:
+        raise ConfigError(f'work_dir={work_dir} already holds a trained run; '
+                          'pass resume=true to continue it, or another work_dir')
+    check_device(cfg)
+    prepare_data(cfg, ('train', 'val'))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, work_dir)
+    runner = Runner.from_cfg(to_mmengine(cfg, mode='train'))
+    runner.train()
+    metrics = read_metrics(work_dir)
+    print_summary(metrics, work_dir)
+    return metrics
+
+
+def test(cfg: DictConfig, checkpoint: str, format_only: bool = False) -> dict:
+    from mmengine.runner import Runner
+
+    if not Path(checkpoint).is_file():
+        raise ConfigError(f'checkpoint: file not found: {checkpoint}')
+    check_device(cfg)
+    if format_only:
+        prepare_data(cfg, ())
+    else:
+        prepare_data(cfg, ('test',))
+    work_dir = Path(cfg.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, work_dir)
+    runner = Runner.from_cfg(to_mmengine(cfg, mode='test', checkpoint=checkpoint, format_only=format_only))
+    runner.test()
+    if format_only:
+        print(f'results: {", ".join(str(p) for p in sorted(work_dir.glob("results.*.json")))}')
+        return {}
+    metrics = read_metrics(work_dir)
+    print_summary(metrics, work_dir)
+    return metrics
+
+
+def read_metrics(work_dir: Path) -> dict:
+    path = Path(work_dir) / 'metrics.json'
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def print_summary(metrics: dict, work_dir: Path) -> None:
+    print('\n' + ' ' * 6 + ''.join(f'{k:>7}' for k in COCO_STAT_NAMES))
+    for iou_type in ('bbox', 'segm'):
+        if iou_type in metrics:
+            print(f'{iou_type:<6}' + ''.join(f'{metrics[iou_type][k]:7.3f}' for k in COCO_STAT_NAMES))
+    for iou_type, per_class in metrics.get('classwise', {}).items():
+        print(f'{iou_type} AP per class: ' + ', '.join(f'{n} {ap:.3f}' for n, ap in per_class.items()))
+    print(f'work_dir: {work_dir}')
+
+
+def run_test(cfg: DictConfig) -> dict:
+    """tools/test.py: the run's saved config (beside the checkpoint) with this command's overrides
+    on top; the composed defaults only where no saved config exists."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    saved = Path(cfg.checkpoint).parent / 'config.yaml'
+    if not saved.is_file():
+        print(f'warning: no {saved}; using the composed config as given on the command line')
+        return test(cfg, cfg.checkpoint, cfg.format_only)
+    run_cfg = OmegaConf.load(saved)
+    OmegaConf.set_struct(run_cfg, True)
+    for override in OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task)):
+        key = override.key_or_group
+        if key in ('checkpoint', 'format_only', 'work_dir') or key.startswith('hydra'):
+            continue
+        if '.' not in key and not isinstance(OmegaConf.select(run_cfg, key), (str, int, float, bool)):
+            raise ConfigError(f'{override.input_line}: a saved run keeps its {key}; override its keys instead '
+                              f'(e.g. {key}.<key>=...)')
+        try:
+            OmegaConf.update(run_cfg, key, override.value(), merge=True)
+        except Exception as e:  # noqa: BLE001 - a key the saved config lacks
+            raise ConfigError(f'{override.input_line}: not a key of {saved} ({str(e).splitlines()[0]})') from None
+    OmegaConf.set_struct(run_cfg, False)
+    run_cfg.work_dir = cfg.work_dir
+    return test(run_cfg, cfg.checkpoint, cfg.format_only)

@@ -1,0 +1,131 @@
+"""The tools end to end, as a user runs them: train -> checkpoint -> test -> evaluate -> resume."""
+import json
+from pathlib import Path
+
+import pytest
+from conftest import SMALL_SYNTHETIC, run_tool, shared
+
+from instseg.config import COCO_STAT_NAMES
+
+SMOKE = ['schedule=smoke', 'schedule.max_iters=4', 'runtime.checkpoint_interval=2', 'runtime.log_interval=1']
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+    work_dir = tmp_path_factory.mktemp('run') / 'smoke'
+    proc = run_tool('train', *SMOKE, *SMALL_SYNTHETIC, f'work_dir={work_dir}')
+    return work_dir, proc
+
+
+def _metrics(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_train_writes_a_complete_work_dir(run_dir):
+    work_dir, proc = run_dir
+    assert (work_dir / 'config.yaml').is_file()
+    assert (work_dir / 'iter_4.pth').is_file() and (work_dir / 'iter_2.pth').is_file()
+    assert Path((work_dir / 'last_checkpoint').read_text().strip()).name == 'iter_4.pth'
+    metrics = _metrics(work_dir / 'metrics.json')
+    for iou_type in ('bbox', 'segm'):
+        assert list(metrics[iou_type]) == list(COCO_STAT_NAMES)
+    assert metrics['iter'] == 4
+    assert list(work_dir.glob('*/vis_data/events.out.tfevents.*')), 'no TensorBoard scalars'
+    assert 'eta:' in proc.stdout + proc.stderr
+    assert proc.stdout.rstrip().endswith(f'work_dir: {work_dir}')
+    assert 'segm ' in proc.stdout and 'bbox ' in proc.stdout  # the final tables
+
+
+def test_test_reproduces_the_final_evaluation(run_dir, tmp_path):
+    work_dir, _ = run_dir
+    out = tmp_path / 'test'
+    proc = run_tool('test', f'checkpoint={work_dir / "iter_4.pth"}', f'work_dir={out}')
+    assert _metrics(out / 'metrics.json')['segm'] == _metrics(work_dir / 'metrics.json')['segm']
+    assert _metrics(out / 'metrics.json')['bbox'] == _metrics(work_dir / 'metrics.json')['bbox']
+    assert (out / 'results.segm.json').is_file() and (out / 'results.bbox.json').is_file()
+    assert 'AP per class' in proc.stdout
+
+    # evaluate.py on the written results gives the same segm statistics
+    cfg_text = (work_dir / 'config.yaml').read_text()
+    root = next(line.split(': ', 1)[1] for line in cfg_text.splitlines() if line.startswith('  root: '))
+    gt = Path(root) / 'annotations/instances_val.json'
+    run_tool('evaluate', f'gt={gt}', f'results={out / "results.segm.json"}', 'iou_type=segm',
+             f'out={tmp_path / "eval.json"}')
+    evaluated = _metrics(tmp_path / 'eval.json')['segm']
+    assert evaluated == pytest.approx(_metrics(out / 'metrics.json')['segm'], abs=1e-12)
+
+
+def test_format_only_writes_results_without_evaluating(run_dir, tmp_path):
+    work_dir, _ = run_dir
+    out = tmp_path / 'format'
+    run_tool('test', f'checkpoint={work_dir / "iter_2.pth"}', f'work_dir={out}', 'format_only=true')
+    assert (out / 'results.segm.json').is_file()
+    assert not (out / 'metrics.json').exists()
+
+
+def test_resume_continues_from_the_last_checkpoint(run_dir, tmp_path):
+    import shutil
+    work_dir, _ = run_dir
+    resumed = tmp_path / 'resumed'
+    shutil.copytree(work_dir, resumed)
+    (resumed / 'last_checkpoint').write_text(str(resumed / 'iter_2.pth'))
+    (resumed / 'iter_4.pth').unlink()
+    proc = run_tool('train', *SMOKE, *SMALL_SYNTHETIC, f'work_dir={resumed}', 'resume=true')
+    log = proc.stdout + proc.stderr
+    assert 'resumed epoch: 0, iter: 2' in log
+    assert 'Iter(train) [3/4]' in log and 'Iter(train) [1/4]' not in log
+    assert (resumed / 'iter_4.pth').is_file()
+
+
+def test_existing_run_is_never_overwritten(run_dir):
+    work_dir, _ = run_dir
+    before = (work_dir / 'iter_4.pth').stat().st_mtime
+    proc = run_tool('train', *SMOKE, *SMALL_SYNTHETIC, f'work_dir={work_dir}', check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count('\n') == 0 and 'already holds a trained run' in proc.stderr
+    assert (work_dir / 'iter_4.pth').stat().st_mtime == before
+
+
+@pytest.mark.parametrize('args, message', [
+    (['model=htcc'], 'model=htcc: no such option; valid choices: mask_rcnn'),
+    (['schedule.max_iter=2'], "unknown key 'schedule.max_iter'"),
+    (['seed=x'], "seed: expected an integer, got 'x'"),
+    (['-m', 'model=mask_rcnn,nope'], 'model=nope: no such option'),
+])
+def test_bad_command_lines_fail_in_one_line(args, message):
+    proc = run_tool('train', *args, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f'error: {proc.stderr.strip()[7:]}' and message in proc.stderr
+    assert proc.stderr.strip().count('\n') == 0
+
+
+def test_class_names_that_do_not_match_fail_before_training(tmp_path):
+    root = shared('fruit')
+    proc = run_tool('train', 'data=coco', f'data.root={root}', 'data.train.ann=trainval.json',
+                    'data.train.img=images', 'data.val.ann=trainval.json', 'data.val.img=images',
+                    'data.classes=[date, walnut]', f'work_dir={tmp_path / "w"}', check=False)
+    assert proc.returncode == 2 and "['walnut'] not among the categories" in proc.stderr
+    proc = run_tool('train', 'data=coco', f'data.root={root}', 'data.train.ann=trainval.json',
+                    'data.train.img=images', 'data.val.ann=trainval.json', 'data.val.img=images',
+                    'data.classes=[fig, date]', f'work_dir={tmp_path / "w"}', check=False)
+    assert proc.returncode == 2 and "must follow the order" in proc.stderr
+
+
+@pytest.mark.parametrize('name, data', [
+    ('fruit', ['data.train.ann=trainval.json', 'data.train.img=images',
+               'data.val.ann=trainval.json', 'data.val.img=images']),
+    ('tiny_coco', ['data.train.ann=annotations/instances_train2017.json', 'data.train.img=train2017',
+                   'data.val.ann=annotations/instances_val2017.json', 'data.val.img=val2017']),
+])
+def test_real_coco_data_trains_and_evaluates(name, data, tmp_path):
+    root = shared(name)
+    work_dir = tmp_path / name
+    run_tool('train', 'data=coco', f'data.root={root}', *data, 'data.scale=[320,320]',
+             'schedule=smoke', 'schedule.max_iters=2', f'work_dir={work_dir}')
+    metrics = _metrics(work_dir / 'metrics.json')
+    assert set(metrics) >= {'bbox', 'segm'} and 0 <= metrics['segm']['AP'] <= 1
+    classes = (work_dir / 'config.yaml').read_text()
+    if name == 'fruit':
+        assert set(metrics['classwise']['segm']) == {'date', 'fig', 'hazelnut'}
+    else:
+        assert len(metrics['classwise']['segm']) == 80 and 'toothbrush' in classes
