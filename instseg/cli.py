@@ -118,17 +118,20 @@ def _check_resolvable(cfg: DictConfig) -> None:
     their errors come before any work. The hydra node resolves only inside a running job."""
     from omegaconf.errors import OmegaConfBaseException
 
-    for key in cfg:
-        if key == 'hydra':
-            continue
-        try:
-            OmegaConf.to_container(cfg[key] if isinstance(cfg[key], (DictConfig, ListConfig)) else
-                                   OmegaConf.create({key: cfg[key]}), resolve=True)
-        except OmegaConfBaseException as e:
-            cause = e
-            while cause is not None and not isinstance(cause, ConfigError):
-                cause = cause.__cause__ or cause.__context__
-            raise ConfigError(str(cause) if cause else f'{key}: {str(e).splitlines()[0]}') from None
+    body = OmegaConf.masked_copy(cfg, [k for k in cfg if k != 'hydra'])
+    try:
+        OmegaConf.to_container(body, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        import re
+        missing = re.search(r'Missing mandatory value: ([\w.]+)', str(e))
+        if missing:
+            raise ConfigError(f'missing value: {missing.group(1)}=... is required') from None
+        cause = e
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__ or cause.__context__
+        full_key = getattr(e, 'full_key', None)
+        raise ConfigError(str(cause) if cause else
+                          f'{full_key or "config"}: {str(e).splitlines()[0]}') from None
 
 
 def fail(error: Exception, code: int = 2) -> None:

@@ -57,12 +57,19 @@ def _coco80():
     return list(CocoDataset.METAINFO['classes'])
 
 
+def _resnet_channels(depth: int, base_channels: int) -> list:
+    """Output widths of a ResNet's four stages (basic blocks below depth 50, bottlenecks above)."""
+    expansion = 1 if depth < 50 else 4
+    return [base_channels * expansion * 2 ** i for i in range(4)]
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver('len', len, replace=True)
     OmegaConf.register_new_resolver('instseg.synthetic_root', _synthetic_root, replace=True)
     OmegaConf.register_new_resolver('instseg.synthetic_classes', _synthetic_classes, replace=True)
     OmegaConf.register_new_resolver('instseg.coco_classes', _coco_classes, replace=True)
     OmegaConf.register_new_resolver('instseg.coco80_classes', _coco80, replace=True)
+    OmegaConf.register_new_resolver('instseg.resnet_channels', _resnet_channels, replace=True)
     OmegaConf.register_new_resolver('instseg.dirname', lambda p: str(Path(p).parent), replace=True)
 
 
@@ -158,18 +165,22 @@ def _dataloader(data, split, schedule, *, train: bool) -> dict:
 def _param_schedulers(s) -> list:
     by_epoch = s['by_epoch']
     length = s['max_epochs'] if by_epoch else s['max_iters']
+    # A run shorter than the warm-up (e.g. schedule.max_iters=50 on the cpu schedule) warms up for
+    # its whole length rather than failing.
+    warmup = s['warmup_iters'] if by_epoch else min(s['warmup_iters'], length)
     schedulers = []
-    if s['warmup_iters']:
+    if warmup:
         schedulers.append(dict(type='LinearLR', start_factor=s['warmup_ratio'], by_epoch=False,
-                               begin=0, end=s['warmup_iters']))
+                               begin=0, end=warmup))
     if s['policy'] == 'step':
         if s['steps']:
             schedulers.append(dict(type='MultiStepLR', by_epoch=by_epoch, begin=0, end=length,
                                    milestones=list(s['steps']), gamma=s['gamma']))
     elif s['policy'] == 'cosine':
-        begin = 0 if by_epoch else s['warmup_iters']
-        schedulers.append(dict(type='CosineAnnealingLR', by_epoch=by_epoch, begin=begin, end=length,
-                               T_max=length - begin, eta_min_ratio=0.01, convert_to_iter_based=by_epoch))
+        begin = 0 if by_epoch else warmup
+        if length > begin:
+            schedulers.append(dict(type='CosineAnnealingLR', by_epoch=by_epoch, begin=begin, end=length,
+                                   T_max=length - begin, eta_min_ratio=0.01, convert_to_iter_based=by_epoch))
     else:
         raise ConfigError(f"schedule.policy: '{s['policy']}' is not one of: step, cosine")
     return schedulers

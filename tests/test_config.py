@@ -10,18 +10,21 @@ from instseg.data.synthetic import CLASSES
 def test_default_composition():
     cfg = compose('train')
     assert cfg.model.name == 'mask_rcnn' and cfg.data.name == 'synthetic'
-    assert cfg.model.backbone.depth == 18 and list(cfg.model.neck.in_channels) == [64, 128, 256, 512]
+    assert cfg.model.backbone.depth == 18
     # num_classes is written once (data) and interpolated into every head.
     assert cfg.data.num_classes == len(CLASSES)
     assert cfg.model.roi_head.bbox_head.num_classes == cfg.model.roi_head.mask_head.num_classes == len(CLASSES)
-    # the synthetic tuning applies to Mask R-CNN on synthetic data only
-    assert cfg.model.neck.out_channels == 128 == cfg.model.roi_head.mask_head.in_channels
+    # the synthetic tuning (half-width ResNet, narrow FPN) applies to Mask R-CNN on synthetic data only
+    assert list(cfg.model.neck.in_channels) == [32, 64, 128, 256]
+    assert cfg.model.neck.out_channels == 64 == cfg.model.roi_head.mask_head.in_channels
     assert cfg.work_dir.startswith('work_dirs/mask_rcnn_synthetic/')
 
 
 def test_backbone_group_rewires_the_neck():
-    cfg = compose('train', ['model/backbone=r50'])
+    cfg = compose('train', ['model/backbone=r50', 'model.backbone.base_channels=64'])
     assert cfg.model.backbone.depth == 50 and list(cfg.model.neck.in_channels) == [256, 512, 1024, 2048]
+    cfg = compose('train', ['model/backbone=r101', 'model.backbone.base_channels=16'])
+    assert cfg.model.backbone.depth == 101 and list(cfg.model.neck.in_channels) == [64, 128, 256, 512]
     assert group_options('model/backbone') == ['r101', 'r18', 'r50']
 
 
@@ -32,6 +35,7 @@ def test_coco_data_reads_classes_from_annotations():
     assert list(cfg.data.classes) == ['date', 'fig', 'hazelnut']
     assert cfg.model.roi_head.mask_head.num_classes == 3
     assert cfg.model.neck.out_channels == 256  # no synthetic tuning on other data
+    assert list(cfg.model.neck.in_channels) == [64, 128, 256, 512]
 
     cfg = compose('train', ['data=coco', f'data.root={root}', 'data.train.ann=trainval.json',
                             'data.classes=[date, hazelnut]'])
@@ -84,9 +88,10 @@ def test_smoke_schedule_and_knobs():
     (['amp=maybe'], "amp: expected a boolean (true/false), got 'maybe'"),
     (['schedule.optimizer.lr=fast'], "schedule.optimizer.lr: expected a number, got 'fast'"),
     (['data=coco'], 'data.classes (read from data.root/data.train.ann): annotation file not found'),
+    (['format_only=true'], 'missing value: checkpoint=... is required'),
 ])
 def test_bad_overrides_fail_with_one_line(overrides, message):
     from instseg.errors import ConfigError
     with pytest.raises(ConfigError) as info:
-        compose('train', overrides)
+        compose('test' if 'format_only=true' in overrides else 'train', overrides)
     assert message in str(info.value) and '\n' not in str(info.value)

@@ -21,16 +21,16 @@ class InstsegCocoMetric(CocoMetric):
     def compute_metrics(self, results: list) -> dict:
         logger = MMLogger.get_current_instance()
         _, predictions = zip(*results)
+        if self.cat_ids is None:
+            self.cat_ids = self._coco_api.get_cat_ids(cat_names=self.dataset_meta['classes'])
+        if self.img_ids is None:
+            self.img_ids = self._coco_api.get_img_ids()
         with tempfile.TemporaryDirectory() as tmp:
             prefix = self.outfile_prefix or osp.join(tmp, 'results')
             result_files = self.results2json(predictions, prefix)
             if self.format_only:
                 logger.info(f'results written: {", ".join(sorted(result_files.values()))}')
                 return {}
-            if self.cat_ids is None:
-                self.cat_ids = self._coco_api.get_cat_ids(cat_names=self.dataset_meta['classes'])
-            if self.img_ids is None:
-                self.img_ids = self._coco_api.get_img_ids()
             metrics = {}
             for iou_type in self.metrics:
                 summary = evaluate(self._coco_api, load(result_files[iou_type]), iou_type,
