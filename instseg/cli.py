@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from instseg.config import CONFIG_DIR
 from instseg.errors import ConfigError
@@ -38,12 +38,14 @@ def compose(config_name: str, overrides: Iterable[str] = ()) -> DictConfig:
     overrides = list(overrides)
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base='1.3', config_dir=str(CONFIG_DIR), job_name=config_name):
-        try:
-            cfg = hydra_compose(config_name, overrides)
+        try:  # with Hydra's own node, so hydra.* overrides are checked too
+            cfg = hydra_compose(config_name, overrides, return_hydra_config=True)
         except (HydraException, OmegaConfBaseException) as e:
             raise ConfigError(_explain(e, config_name, overrides, hydra_compose)) from None
         base = hydra_compose(config_name, [o for o in overrides if _is_group(o.split('=')[0].lstrip('+~'))])
     _check_types(cfg, base, overrides)
+    with open_dict(cfg):
+        del cfg['hydra']  # it resolves only inside a running Hydra job
     _check_resolvable(cfg)
     return cfg
 
@@ -115,12 +117,11 @@ def _same_kind(old: Any, new: Any) -> bool:
 
 def _check_resolvable(cfg: DictConfig) -> None:
     """Resolves every interpolation now (class names from annotation files, data set paths), so
-    their errors come before any work. The hydra node resolves only inside a running job."""
+    their errors come before any work."""
     from omegaconf.errors import OmegaConfBaseException
 
-    body = OmegaConf.masked_copy(cfg, [k for k in cfg if k != 'hydra'])
     try:
-        OmegaConf.to_container(body, resolve=True, throw_on_missing=True)
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as e:
         import re
         missing = re.search(r'Missing mandatory value: ([\w.]+)', str(e))

@@ -124,7 +124,7 @@ def to_mmengine(cfg: DictConfig, *, mode: str = 'train', checkpoint: str | None 
             visualization=dict(type='DetVisualizationHook')),
         custom_hooks=[dict(type='RNGStateHook'), dict(type='MetricsFileHook')],
         log_processor=dict(type='LogProcessor', window_size=runtime['log_interval'], by_epoch=by_epoch),
-        visualizer=dict(type='DetLocalVisualizer', name='visualizer', vis_backends=(
+        visualizer=dict(type='DetLocalVisualizer', vis_backends=(
             [dict(type='LocalVisBackend')] + ([dict(type='TensorboardVisBackend')] if runtime['tensorboard'] else []))),
         env_cfg=dict(cudnn_benchmark=runtime['cudnn_benchmark'],
                      mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),

@@ -129,3 +129,13 @@ def test_real_coco_data_trains_and_evaluates(name, data, tmp_path):
         assert set(metrics['classwise']['segm']) == {'date', 'fig', 'hazelnut'}
     else:
         assert len(metrics['classwise']['segm']) == 80 and 'toothbrush' in classes
+
+
+def test_multirun_gives_each_job_its_own_work_dir(tmp_path):
+    sweep = tmp_path / 'sweep'
+    run_tool('train', '-m', 'schedule=smoke', 'schedule.max_iters=1', *SMALL_SYNTHETIC, 'seed=0,1',
+             f'work_dir={sweep}')
+    for job in ('0', '1'):
+        assert (sweep / job / 'iter_1.pth').is_file() and (sweep / job / 'metrics.json').is_file()
+    assert 'seed: 1' in (sweep / '1' / 'config.yaml').read_text()
+    assert list((sweep / '1').glob('*/vis_data/events.out.tfevents.*'))
