@@ -155,7 +155,8 @@ def main(config_name: str, task: Callable[[DictConfig], Any]) -> None:
     @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base='1.3')
     def _run(cfg: DictConfig) -> Any:
         # Multirun gives each job its own directory under the sweep's: make that the work_dir.
-        cfg.work_dir = str(Path(HydraConfig.get().runtime.output_dir).resolve())
+        if 'work_dir' in cfg:
+            cfg.work_dir = str(Path(HydraConfig.get().runtime.output_dir).resolve())
         try:
             return task(cfg)
         except ConfigError as e:
