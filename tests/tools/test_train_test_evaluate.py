@@ -131,11 +131,20 @@ def test_real_coco_data_trains_and_evaluates(name, data, tmp_path):
         assert len(metrics['classwise']['segm']) == 80 and 'toothbrush' in classes
 
 
-def test_multirun_gives_each_job_its_own_work_dir(tmp_path):
+def test_multirun_gives_each_job_its_own_work_dir_and_seeds_reproduce(tmp_path):
+    import torch
+
+    from instseg.engine.checkpoint import load_checkpoint_file
     sweep = tmp_path / 'sweep'
-    run_tool('train', '-m', 'schedule=smoke', 'schedule.max_iters=1', *SMALL_SYNTHETIC, 'seed=0,1',
-             f'work_dir={sweep}')
-    for job in ('0', '1'):
-        assert (sweep / job / 'iter_1.pth').is_file() and (sweep / job / 'metrics.json').is_file()
+    run_tool('train', '-m', 'schedule=smoke', 'schedule.max_iters=2', *SMALL_SYNTHETIC, 'deterministic=true',
+             'seed=0,1,0', f'work_dir={sweep}')
+    for job in ('0', '1', '2'):
+        assert (sweep / job / 'iter_2.pth').is_file() and (sweep / job / 'metrics.json').is_file()
+        assert list((sweep / job).glob('*/vis_data/events.out.tfevents.*'))
     assert 'seed: 1' in (sweep / '1' / 'config.yaml').read_text()
-    assert list((sweep / '1').glob('*/vis_data/events.out.tfevents.*'))
+
+    def weights(job):
+        return load_checkpoint_file(str(sweep / job / 'iter_2.pth'), map_location='cpu')['state_dict']
+    same, other = weights('0'), weights('2')
+    assert all(torch.equal(same[k], other[k]) for k in same)  # deterministic=true: same seed, same run
+    assert not all(torch.equal(same[k], v) for k, v in weights('1').items())
