@@ -29,7 +29,7 @@ class InstsegCocoMetric(CocoMetric):
             prefix = self.outfile_prefix or osp.join(tmp, 'results')
             result_files = self.results2json(predictions, prefix)
             if self.format_only:
-                logger.info(f'results written: {", ".join(sorted(result_files.values()))}')
+                logger.info(f'results written: {", ".join(sorted(set(result_files.values())))}')
                 return {}
             metrics = {}
             for iou_type in self.metrics:

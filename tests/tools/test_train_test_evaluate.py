@@ -55,11 +55,20 @@ def test_test_reproduces_the_final_evaluation(run_dir, tmp_path):
     assert evaluated == pytest.approx(_metrics(out / 'metrics.json')['segm'], abs=1e-12)
 
 
-def test_format_only_writes_results_without_evaluating(run_dir, tmp_path):
+def test_format_only_writes_results_without_ground_truth(run_dir, tmp_path):
+    """test-dev style: an image-info file (images and categories, no annotations)."""
     work_dir, _ = run_dir
+    root = next(line.split(': ', 1)[1] for line in (work_dir / 'config.yaml').read_text().splitlines()
+                if line.startswith('  root: '))
+    info = json.loads((Path(root) / 'annotations/instances_val.json').read_text())
+    del info['annotations']
+    image_info = tmp_path / 'image_info_val.json'
+    image_info.write_text(json.dumps(info))
     out = tmp_path / 'format'
-    run_tool('test', f'checkpoint={work_dir / "iter_2.pth"}', f'work_dir={out}', 'format_only=true')
-    assert (out / 'results.segm.json').is_file()
+    run_tool('test', f'checkpoint={work_dir / "iter_2.pth"}', f'work_dir={out}', 'format_only=true',
+             f'data.test.ann={image_info}')
+    results = json.loads((out / 'results.segm.json').read_text())
+    assert results and {r['image_id'] for r in results} <= {i['id'] for i in info['images']}
     assert not (out / 'metrics.json').exists()
 
 
