@@ -34,6 +34,7 @@ def compose(config_name: str, overrides: Iterable[str] = ()) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+    from yaml import MarkedYAMLError
 
     overrides = list(overrides)
     GlobalHydra.instance().clear()
@@ -42,6 +43,9 @@ def compose(config_name: str, overrides: Iterable[str] = ()) -> DictConfig:
             cfg = hydra_compose(config_name, overrides, return_hydra_config=True)
         except (HydraException, OmegaConfBaseException) as e:
             raise ConfigError(_explain(e, config_name, overrides, hydra_compose)) from None
+        except MarkedYAMLError as e:  # a config file the user edited
+            mark = e.problem_mark
+            raise ConfigError(f'{mark.name}:{mark.line + 1}: invalid YAML ({e.problem})') from None
         base = hydra_compose(config_name, [o for o in overrides if _is_group(o.split('=')[0].lstrip('+~'))])
     _check_types(cfg, base, overrides)
     with open_dict(cfg):
