@@ -28,10 +28,11 @@ def cache_dir() -> Path:
 # ----------------------------------------------------------------------------- resolvers
 def _synthetic_root(spec) -> str:
     from instseg.data import synthetic
-    return str(synthetic.dataset_dir(cache_dir() / 'data', _synthetic_spec(spec)))
+    return str(synthetic.dataset_dir(cache_dir() / 'data', synthetic_spec(spec)))
 
 
-def _synthetic_spec(spec):
+def synthetic_spec(spec):
+    """``data.synthetic`` as the generator's spec, with a one-line error for unknown fields."""
     from instseg.data import synthetic
     try:
         return synthetic.SyntheticSpec(**OmegaConf.to_container(spec))

@@ -13,16 +13,16 @@ if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && cmp -s requirements.txt "$STA
   exit 0
 fi
 pin() { grep -E "^$1==" requirements.txt | head -n1; }
-MMCV_VERSION=2.1.0
+MMCV_VERSION=$(pin mmcv | cut -d= -f3)
 TORCH_PIN=$(pin torch)
 WHEEL_CACHE=${INSTSEG_WHEEL_CACHE:-$HOME/.cache/instseg/wheels}/${TORCH_PIN/==/-}
 start=$(date +%s)
-echo "[setup] creating $VENV and installing pinned requirements (first time only)"
+echo "[setup] installing the pinned requirements into $VENV (first time, or after requirements.txt changed)"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 if ! compgen -G "$WHEEL_CACHE/mmcv-$MMCV_VERSION-*.whl" >/dev/null; then
   # mmcv's setup.py imports pkg_resources (gone from setuptools>=70) while torch asks for
   # setuptools>=77, so the build gets a throw-away venv of its own and the project venv stays consistent.
-  echo "[setup] compiling mmcv $MMCV_VERSION with ops (once per machine, ~10 min on 2 cores)"
+  echo "[setup] compiling mmcv $MMCV_VERSION with ops (once per machine, 10-20 min on 2 cores)"
   BUILD_VENV=$(mktemp -d)/build-venv
   "$PYTHON" -m venv "$BUILD_VENV"
   BPIP=("$BUILD_VENV/bin/python" -m pip --disable-pip-version-check -q)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from instseg.config import COCO_STAT_NAMES, to_mmengine
+from instseg.config import COCO_STAT_NAMES, synthetic_spec, to_mmengine
 from instseg.data.coco import check_classes
 from instseg.errors import ConfigError
 
@@ -18,7 +18,7 @@ def prepare_data(cfg: DictConfig, splits) -> None:
     data = cfg.data
     if 'synthetic' in data:
         from instseg.data import synthetic
-        synthetic.ensure_dataset(data.root, synthetic.SyntheticSpec(**data.synthetic))
+        synthetic.ensure_dataset(data.root, synthetic_spec(data.synthetic))
     for split in splits:
         ann = Path(data.root) / data[split].ann
         check_classes(list(data.classes), ann, f'data.classes (data.{split}.ann)')
@@ -69,10 +69,7 @@ def test(cfg: DictConfig, checkpoint: str, format_only: bool = False) -> dict:
     if not Path(checkpoint).is_file():
         raise ConfigError(f'checkpoint: file not found: {checkpoint}')
     check_device(cfg)
-    if format_only:
-        prepare_data(cfg, ())
-    else:
-        prepare_data(cfg, ('test',))
+    prepare_data(cfg, () if format_only else ('test',))  # format_only: no ground truth to check
     work_dir = Path(cfg.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, work_dir)

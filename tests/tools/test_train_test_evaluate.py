@@ -21,6 +21,11 @@ def _metrics(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _data_root(work_dir: Path) -> Path:
+    from omegaconf import OmegaConf
+    return Path(OmegaConf.load(work_dir / 'config.yaml').data.root)
+
+
 def test_train_writes_a_complete_work_dir(run_dir):
     work_dir, proc = run_dir
     assert (work_dir / 'config.yaml').is_file()
@@ -46,9 +51,7 @@ def test_test_reproduces_the_final_evaluation(run_dir, tmp_path):
     assert 'AP per class' in proc.stdout
 
     # evaluate.py on the written results gives the same segm statistics
-    cfg_text = (work_dir / 'config.yaml').read_text()
-    root = next(line.split(': ', 1)[1] for line in cfg_text.splitlines() if line.startswith('  root: '))
-    gt = Path(root) / 'annotations/instances_val.json'
+    gt = _data_root(work_dir) / 'annotations/instances_val.json'
     run_tool('evaluate', f'gt={gt}', f'results={out / "results.segm.json"}', 'iou_type=segm',
              f'out={tmp_path / "eval.json"}')
     evaluated = _metrics(tmp_path / 'eval.json')['segm']
@@ -58,9 +61,7 @@ def test_test_reproduces_the_final_evaluation(run_dir, tmp_path):
 def test_format_only_writes_results_without_ground_truth(run_dir, tmp_path):
     """test-dev style: an image-info file (images and categories, no annotations)."""
     work_dir, _ = run_dir
-    root = next(line.split(': ', 1)[1] for line in (work_dir / 'config.yaml').read_text().splitlines()
-                if line.startswith('  root: '))
-    info = json.loads((Path(root) / 'annotations/instances_val.json').read_text())
+    info = json.loads((_data_root(work_dir) / 'annotations/instances_val.json').read_text())
     del info['annotations']
     image_info = tmp_path / 'image_info_val.json'
     image_info.write_text(json.dumps(info))
