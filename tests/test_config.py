@@ -95,3 +95,10 @@ def test_bad_overrides_fail_with_one_line(overrides, message):
     with pytest.raises(ConfigError) as info:
         compose('test' if 'format_only=true' in overrides else 'train', overrides)
     assert message in str(info.value) and '\n' not in str(info.value)
+
+
+def test_a_run_shorter_than_the_warmup_warms_up_throughout():
+    mm = to_mmengine(compose('train', ['schedule.max_iters=50']))  # cpu schedule warms up for 100
+    assert mm.param_scheduler == [dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=50)]
+    mm = to_mmengine(compose('train', ['schedule.max_iters=300']))
+    assert mm.param_scheduler[1]['begin'] == 100 and mm.param_scheduler[1]['T_max'] == 200
