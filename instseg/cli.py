@@ -5,6 +5,7 @@ then Hydra's own ``main`` runs the task, so multirun (-m), launchers and sweeper
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -46,8 +47,9 @@ def compose(config_name: str, overrides: Iterable[str] = ()) -> DictConfig:
         except MarkedYAMLError as e:  # a config file the user edited
             mark = e.problem_mark
             raise ConfigError(f'{mark.name}:{mark.line + 1}: invalid YAML ({e.problem})') from None
-        base = hydra_compose(config_name, [o for o in overrides if _is_group(o.split('=')[0].lstrip('+~'))])
-    _check_types(cfg, base, overrides)
+        groups = [o for o in overrides if _is_group(o.split('=')[0].lstrip('+~'))]
+        if len(groups) < len(overrides):  # values given: compare their types with the defaults'
+            _check_types(cfg, hydra_compose(config_name, groups), overrides)
     with open_dict(cfg):
         del cfg['hydra']  # it resolves only inside a running Hydra job
     _check_resolvable(cfg)
@@ -55,7 +57,6 @@ def compose(config_name: str, overrides: Iterable[str] = ()) -> DictConfig:
 
 
 def _explain(error: Exception, config_name: str, overrides: list, hydra_compose) -> str:
-    import re
     text = str(error)
     missing = re.search(r"Could not find '([^']+)'", text)
     if missing:
@@ -127,7 +128,6 @@ def _check_resolvable(cfg: DictConfig) -> None:
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as e:
-        import re
         missing = re.search(r'Missing mandatory value: ([\w.]+)', str(e))
         if missing:
             raise ConfigError(f'missing value: {missing.group(1)}=... is required') from None
