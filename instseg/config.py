@@ -6,6 +6,7 @@ mmengine's dataloaders, loops, hooks and schedulers; nothing else in instseg bui
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import warnings
@@ -19,6 +20,10 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / 'configs'
 # COCO's 12 summary statistics, in pycocotools' order; the keys of metrics.json.
 COCO_STAT_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl',
                    'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl')
+# Keys of a model file that are instseg's, not mmdet's: dropped before the registry builds the model.
+# name: the config option; stage/per_stage: cascade stages written once (see model/cascade_mask_rcnn.yaml);
+# semantic: HTC's switch for its semantic branch.
+INSTSEG_MODEL_KEYS = ('name', 'stage', 'per_stage', 'semantic')
 
 
 def cache_dir() -> Path:
@@ -58,6 +63,40 @@ def _coco80():
     return list(CocoDataset.METAINFO['classes'])
 
 
+def _synthetic_semantic_classes() -> int:
+    from instseg.data import synthetic
+    return synthetic.SEMANTIC_CLASSES
+
+
+def _stages(template, per_stage) -> list:
+    """One config per stage: ``template`` with, at each leaf of ``per_stage`` (a mapping shaped like
+    the template whose leaves are lists with one value per stage), the stage's value."""
+    template = OmegaConf.to_container(template, resolve=True)
+    per_stage = OmegaConf.to_container(per_stage, resolve=True)
+    leaves = list(_leaves(per_stage))
+    counts = {len(values) for _, values in leaves}
+    if len(counts) != 1:
+        raise ConfigError(f'per_stage: every list needs one value per stage; got lengths {sorted(counts)}')
+    stages = []
+    for i in range(counts.pop()):
+        stage = copy.deepcopy(template)
+        for path, values in leaves:
+            node = stage
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = values[i]
+        stages.append(stage)
+    return stages
+
+
+def _leaves(tree: dict, path=()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, path + (key,))
+        else:
+            yield path + (key,), value
+
+
 def _resnet_channels(depth: int, base_channels: int) -> list:
     """Output widths of a ResNet's four stages (basic blocks below depth 50, bottlenecks above)."""
     expansion = 1 if depth < 50 else 4
@@ -70,7 +109,11 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver('instseg.synthetic_classes', _synthetic_classes, replace=True)
     OmegaConf.register_new_resolver('instseg.coco_classes', _coco_classes, replace=True)
     OmegaConf.register_new_resolver('instseg.coco80_classes', _coco80, replace=True)
+    OmegaConf.register_new_resolver('instseg.synthetic_semantic_classes', _synthetic_semantic_classes,
+                                    replace=True)
     OmegaConf.register_new_resolver('instseg.resnet_channels', _resnet_channels, replace=True)
+    OmegaConf.register_new_resolver('instseg.stages', _stages, replace=True)
+    OmegaConf.register_new_resolver('instseg.when', lambda on, node: node if on else None, replace=True)
     OmegaConf.register_new_resolver('instseg.dirname', lambda p: str(Path(p).parent), replace=True)
 
 
@@ -86,8 +129,7 @@ def to_mmengine(cfg: DictConfig, *, mode: str = 'train', checkpoint: str | None 
     c = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     data, schedule, runtime = c['data'], c['schedule'], c['runtime']
     by_epoch = schedule['by_epoch']
-    model = dict(c['model'])
-    model.pop('name', None)
+    model = {k: v for k, v in c['model'].items() if k not in INSTSEG_MODEL_KEYS}
     _set_backbone_init(model, pretrained=c['pretrained'])
     work_dir = str(Path(c['work_dir']).resolve())
 
@@ -99,7 +141,8 @@ def to_mmengine(cfg: DictConfig, *, mode: str = 'train', checkpoint: str | None 
         default_scope='instseg',
         work_dir=work_dir,
         model=model,
-        train_dataloader=_dataloader(data, data['train'], schedule, train=True),
+        train_dataloader=_dataloader(data, data['train'], schedule, train=True,
+                                     semantic=uses_semantic_maps(model)),
         val_dataloader=_dataloader(data, data['val'], schedule, train=False),
         test_dataloader=_dataloader(data, eval_split, schedule, train=False),
         val_evaluator=evaluator,
@@ -139,17 +182,29 @@ def to_mmengine(cfg: DictConfig, *, mode: str = 'train', checkpoint: str | None 
     return Config(mm)
 
 
-def _dataloader(data, split, schedule, *, train: bool) -> dict:
+def uses_semantic_maps(model: dict) -> bool:
+    """Whether the (mmdet-shaped) model trains a semantic branch on per-pixel class maps (HTC's)."""
+    return bool((model.get('roi_head') or {}).get('semantic_head'))
+
+
+def _dataloader(data, split, schedule, *, train: bool, semantic: bool = False) -> dict:
     scale = tuple(data['scale'])  # mmcv's Resize wants a tuple
-    load = [dict(type='LoadImageFromFile'), dict(type='LoadAnnotations', with_bbox=True, with_mask=True)]
+    load = [dict(type='LoadImageFromFile'),
+            dict(type='LoadAnnotations', with_bbox=True, with_mask=True, with_seg=semantic)]
     resize = dict(type='Resize', scale=scale, keep_ratio=True)
+    prefix = dict(img=split['img'])
     if train:
+        if data.get('train_scales'):  # multi-scale training: one of the scales per image
+            resize = dict(type='RandomChoiceResize', scales=[tuple(s) for s in data['train_scales']],
+                          keep_ratio=True)
+        if semantic:
+            prefix['seg'] = split['seg']
         pipeline = load + [resize, dict(type='RandomFlip', prob=data['flip_prob']), dict(type='PackDetInputs')]
     else:  # annotations are loaded after resizing so masks are evaluated at the original size
         pipeline = [load[0], resize, load[1], dict(
             type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'))]
     dataset = dict(type='CocoDataset', data_root=data['root'], ann_file=split['ann'],
-                   data_prefix=dict(img=split['img']), metainfo=dict(classes=tuple(data['classes'])),
+                   data_prefix=prefix, metainfo=dict(classes=tuple(data['classes'])),
                    pipeline=pipeline)
     if train:
         dataset['filter_cfg'] = dict(filter_empty_gt=True, min_size=8)

@@ -32,3 +32,39 @@ def run_tool(tool: str, *args: str, check: bool = True, timeout: int = 600) -> s
         raise AssertionError(f'{tool} {" ".join(args)} failed ({proc.returncode}):\n'
                              f'{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}')
     return proc
+
+
+def det_sample(boxes, labels, size: int = 64, ori_shape=None, num_semantic_classes: int = 0):
+    """A ``size``-px square image's DetDataSample; each box is also its instance's (rectangular) mask.
+    With ``num_semantic_classes``, a per-pixel class map too (background = the last class)."""
+    import numpy as np
+    import torch
+    from mmdet.structures import DetDataSample
+    from mmdet.structures.mask import BitmapMasks
+    from mmengine.structures import InstanceData, PixelData
+
+    masks = np.zeros((len(boxes), size, size), dtype=np.uint8)
+    for mask, (x1, y1, x2, y2) in zip(masks, boxes):
+        mask[y1:y2, x1:x2] = 1
+    ori_shape = ori_shape or (size, size)
+    sample = DetDataSample(metainfo=dict(img_shape=(size, size), ori_shape=ori_shape,
+                                         scale_factor=(size / ori_shape[1], size / ori_shape[0])))
+    sample.gt_instances = InstanceData(
+        bboxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        labels=torch.tensor(labels, dtype=torch.long), masks=BitmapMasks(masks, size, size))
+    if num_semantic_classes:
+        classes = np.full((size, size), num_semantic_classes - 1, dtype=np.int64)
+        for mask, label in zip(masks, labels):
+            classes[mask.astype(bool)] = label
+        sample.gt_sem_seg = PixelData(sem_seg=torch.from_numpy(classes)[None])
+    return sample
+
+
+@pytest.fixture
+def one_thread():
+    """Toy tensors gain nothing from threads; beside a training run, contention makes them ~20x slower."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,7 +14,7 @@ def test_default_composition():
     # num_classes is written once (data) and interpolated into every head.
     assert cfg.data.num_classes == len(CLASSES)
     assert cfg.model.roi_head.bbox_head.num_classes == cfg.model.roi_head.mask_head.num_classes == len(CLASSES)
-    # the synthetic tuning (half-width ResNet, narrow FPN) applies to Mask R-CNN on synthetic data only
+    # the CPU fit (fit=cpu: half-width ResNet, narrow FPN) applies by default
     assert list(cfg.model.neck.in_channels) == [32, 64, 128, 256]
     assert cfg.model.neck.out_channels == 64 == cfg.model.roi_head.mask_head.in_channels
     assert cfg.work_dir.startswith('work_dirs/mask_rcnn_synthetic/')
@@ -34,8 +34,6 @@ def test_coco_data_reads_classes_from_annotations():
                             'data.train.img=images', 'data.val.ann=trainval.json', 'data.val.img=images'])
     assert list(cfg.data.classes) == ['date', 'fig', 'hazelnut']
     assert cfg.model.roi_head.mask_head.num_classes == 3
-    assert cfg.model.neck.out_channels == 256  # no synthetic tuning on other data
-    assert list(cfg.model.neck.in_channels) == [64, 128, 256, 512]
 
     cfg = compose('train', ['data=coco', f'data.root={root}', 'data.train.ann=trainval.json',
                             'data.classes=[date, hazelnut]'])
@@ -81,7 +79,7 @@ def test_smoke_schedule_and_knobs():
 
 
 @pytest.mark.parametrize('overrides, message', [
-    (['model=nope'], 'model=nope: no such option; valid choices: mask_rcnn'),
+    (['model=nope'], f"model=nope: no such option; valid choices: {', '.join(group_options('model'))}"),
     (['model/backbone=r34'], 'valid choices: r101, r18, r50'),
     (['schedule.max_iter=3'], "unknown key 'schedule.max_iter'; valid keys of schedule: by_epoch, max_iters"),
     (['seed=abc'], "seed: expected an integer, got 'abc'"),
@@ -102,3 +100,118 @@ def test_a_run_shorter_than_the_warmup_warms_up_throughout():
     assert mm.param_scheduler == [dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=50)]
     mm = to_mmengine(compose('train', ['schedule.max_iters=300']))
     assert mm.param_scheduler[1]['begin'] == 100 and mm.param_scheduler[1]['T_max'] == 200
+
+
+@pytest.mark.parametrize('overrides, fitted', [
+    ([], True),
+    (['data=coco', 'data.root=ROOT', 'data.train.ann=trainval.json', 'data.scale=[128,128]'], True),
+    (['schedule=smoke'], True),
+    (['fit=reference'], False),
+    (['schedule=1x'], False),
+    (['schedule=20e', 'data=coco', 'data.root=ROOT', 'data.train.ann=trainval.json'], False),
+    (['schedule=2x', 'fit=cpu'], True),
+    (['experiment=mask_rcnn_r50_fpn_1x_coco'], False),
+])
+def test_cpu_fit_follows_the_budget_not_the_data_set(overrides, fitted):
+    """fit=cpu (default) gives every model its CPU fit on any data; paper schedules and recipes give
+    the reference network; either can be chosen on the command line."""
+    root = str(shared('fruit')) if any('ROOT' in o for o in overrides) else ''
+    overrides = [o.replace('ROOT', root) for o in overrides]
+    cfg = compose('train', overrides)
+    assert (cfg.model.neck.out_channels == 64) is fitted
+    assert (cfg.model.roi_head.mask_head.num_convs == 2) is fitted
+    if not fitted:  # exactly the model file
+        assert cfg.model == compose('train', [*overrides, 'fit=reference']).model
+
+
+def test_necks_are_a_group_across_detectors():
+    assert group_options('model/neck') == ['fpn', 'pafpn']
+    assert compose('train', ['model/neck=pafpn']).model.neck.type == 'PAFPN'
+    panet = compose('train', ['model=panet'])
+    assert panet.model.neck.type == 'PAFPN' and panet.model.neck.out_channels == 64  # fit applies
+    assert compose('train', ['model=panet', 'model/neck=fpn']).model.neck.type == 'FPN'
+    r50 = compose('train', ['model=cascade_mask_rcnn', 'model/backbone=r50', 'model/neck=pafpn', 'fit=reference'])
+    assert r50.model.neck == dict(type='PAFPN', in_channels=[256, 512, 1024, 2048], out_channels=256, num_outs=5)
+
+
+def _mm(experiment, *overrides):
+    return to_mmengine(compose('train', [f'experiment={experiment}', *overrides]))
+
+
+SGD_1X = [dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=500),
+          dict(type='MultiStepLR', by_epoch=True, begin=0, end=12, milestones=[8, 11], gamma=0.1)]
+SGD_20E = [SGD_1X[0], dict(type='MultiStepLR', by_epoch=True, begin=0, end=20, milestones=[16, 19], gamma=0.1)]
+SGD_2X = [SGD_1X[0], dict(type='MultiStepLR', by_epoch=True, begin=0, end=24, milestones=[16, 22], gamma=0.1)]
+
+
+@pytest.mark.parametrize('experiment, model_type, schedulers', [
+    ('cascade_mask_rcnn_r50_fpn_1x_coco', 'CascadeRCNN', SGD_1X),
+    ('cascade_mask_rcnn_r50_fpn_20e_coco', 'CascadeRCNN', SGD_20E),
+    ('htc_r50_fpn_1x_coco', 'HybridTaskCascade', SGD_1X),
+    ('htc_without_semantic_r50_fpn_1x_coco', 'HybridTaskCascade', SGD_1X),
+    ('htc_r50_fpn_20e_coco', 'HybridTaskCascade', SGD_20E),
+    ('panet_r50_fpn_1x_coco', 'MaskRCNN', SGD_1X),
+    ('panet_r50_fpn_ms_2x_coco', 'MaskRCNN', SGD_2X),
+])
+def test_two_stage_recipes_match_their_references(experiment, model_type, schedulers):
+    mm = _mm(experiment)
+    assert mm.model.type == model_type and mm.model.backbone.depth == 50
+    assert mm.model.backbone.frozen_stages == 1 and mm.model.backbone.norm_eval is True
+    assert mm.optim_wrapper.optimizer == dict(type='SGD', lr=0.02, momentum=0.9, weight_decay=0.0001)
+    assert mm.param_scheduler == schedulers
+    assert mm.train_dataloader.batch_size == 2 and mm.auto_scale_lr.base_batch_size == 16
+    assert mm.model.roi_head.bbox_head if model_type == 'MaskRCNN' else len(mm.model.roi_head.bbox_head) == 3
+    train_resize = [t for t in mm.train_dataloader.dataset.pipeline if 'Resize' in t['type']][0]
+    test_resize = [t for t in mm.test_dataloader.dataset.pipeline if 'Resize' in t['type']][0]
+    if experiment == 'panet_r50_fpn_ms_2x_coco':  # PANet's e2e_panet_R-50-FPN_2x_mask.yaml
+        assert train_resize == dict(type='RandomChoiceResize', keep_ratio=True, scales=[
+            (1400, 1200), (1400, 1200), (1400, 1000), (1400, 800), (1400, 600), (1400, 400)])
+        assert test_resize['scale'] == (1400, 1000)
+    else:
+        assert train_resize == dict(type='Resize', scale=(1333, 800), keep_ratio=True) == test_resize
+
+
+def test_cascade_reference_stages():
+    roi, train = _mm('cascade_mask_rcnn_r50_fpn_1x_coco').model.roi_head, None
+    train = _mm('cascade_mask_rcnn_r50_fpn_1x_coco').model.train_cfg
+    assert roi.num_stages == 3 and roi.stage_loss_weights == [1, 0.5, 0.25]
+    assert [h['bbox_coder']['target_stds'] for h in roi.bbox_head] == [
+        [0.1, 0.1, 0.2, 0.2], [0.05, 0.05, 0.1, 0.1], [0.033, 0.033, 0.067, 0.067]]
+    assert all(h['fc_out_channels'] == 1024 and h['reg_class_agnostic'] for h in roi.bbox_head)
+    assert [(s['assigner']['pos_iou_thr'], s['assigner']['neg_iou_thr'], s['assigner']['min_pos_iou'])
+            for s in train.rcnn] == [(0.5, 0.5, 0.5), (0.6, 0.6, 0.6), (0.7, 0.7, 0.7)]
+    assert all(not s['assigner']['match_low_quality'] and s['sampler']['num'] == 512 for s in train.rcnn)
+    assert train.rpn_proposal.max_per_img == 2000 and train.rpn.allowed_border == 0
+
+
+def test_htc_reference_semantic_branch_and_maps():
+    mm = _mm('htc_r50_fpn_1x_coco', 'data.root=/coco')
+    roi = mm.model.roi_head
+    assert roi.interleaved and roi.mask_info_flow and mm.model.test_cfg.rcnn.score_thr == 0.001
+    assert [h['with_conv_res'] for h in roi.mask_head] == [False, True, True]
+    assert roi.semantic_head['num_classes'] == 183 and roi.semantic_head['seg_scale_factor'] == 0.125
+    assert roi.semantic_roi_extractor['featmap_strides'] == [8] and mm.model.data_preprocessor.pad_seg
+    dataset = mm.train_dataloader.dataset
+    assert dataset.data_prefix == dict(img='train2017/', seg='stuffthingmaps/train2017/')
+    assert dict(type='LoadAnnotations', with_bbox=True, with_mask=True, with_seg=True) in dataset.pipeline
+    assert 'seg' not in mm.val_dataloader.dataset.data_prefix
+
+    mm = _mm('htc_without_semantic_r50_fpn_1x_coco', 'data.root=/coco')
+    assert mm.model.roi_head.semantic_head is None and mm.model.roi_head.semantic_roi_extractor is None
+    assert 'seg' not in mm.train_dataloader.dataset.data_prefix and not mm.model.data_preprocessor.pad_seg
+    assert not {'stage', 'per_stage', 'semantic', 'name'} & set(mm.model)
+
+
+def test_htc_without_semantic_maps_fails_in_one_line(tmp_path):
+    from instseg.engine.runner import prepare_data
+    from instseg.errors import ConfigError
+    root = shared('fruit')
+    cfg = compose('train', ['model=htc', 'data=coco', f'data.root={root}', 'data.train.ann=trainval.json',
+                            'data.train.img=images', 'data.val.ann=trainval.json', 'data.val.img=images'])
+    with pytest.raises(ConfigError) as info:
+        prepare_data(cfg, ('train', 'val'))
+    assert 'data.train.seg=stuffthingmaps/train2017/ is not a directory' in str(info.value)
+    assert 'model.semantic=false' in str(info.value) and '\n' not in str(info.value)
+    prepare_data(compose('train', ['model=htc', 'model.semantic=false', 'data=coco', f'data.root={root}',
+                                   'data.train.ann=trainval.json', 'data.train.img=images',
+                                   'data.val.ann=trainval.json', 'data.val.img=images']), ('train', 'val'))

@@ -5,6 +5,9 @@ rotation, on cluttered backgrounds. Later shapes occlude earlier ones; a placeme
 more than half of an earlier instance is re-drawn, so every annotated instance stays recognisable
 and no visible object goes unannotated. Masks are the *visible* region, stored as RLE.
 
+Each image also has a per-pixel class map (``semantic/<split>/<image>.png``, COCO-stuff's convention:
+a thing's category id - 1, and ``len(CLASSES)`` for background), for semantic branches such as HTC's.
+
 Every image is drawn from its own seed ``(seed, split, index)``, so the set is identical whatever
 the order or number of processes that generate it.
 """
@@ -23,7 +26,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 CLASSES = ('circle', 'square', 'triangle', 'star', 'ring')
-GENERATOR_VERSION = 1
+SEMANTIC_CLASSES = len(CLASSES) + 1  # the shapes and the background
+GENERATOR_VERSION = 2
 SPLITS = ('train', 'val')
 
 
@@ -56,6 +60,10 @@ def img_dir(split: str) -> str:
     return f'{split}/'
 
 
+def seg_dir(split: str) -> str:
+    return f'semantic/{split}/'
+
+
 def dataset_dir(cache_dir: str | os.PathLike, spec: SyntheticSpec) -> Path:
     return Path(cache_dir) / f'synthetic-{spec.key()}'
 
@@ -83,6 +91,7 @@ def ensure_dataset(root: str | os.PathLike, spec: SyntheticSpec) -> Path:
 def _write_split(root: Path, split: str, split_index: int, spec: SyntheticSpec) -> None:
     count = spec.num_train if split == 'train' else spec.num_val
     (root / img_dir(split)).mkdir(parents=True)
+    (root / seg_dir(split)).mkdir(parents=True)
     (root / 'annotations').mkdir(exist_ok=True)
     images, annotations = [], []
     for index in range(count):
@@ -91,6 +100,7 @@ def _write_split(root: Path, split: str, split_index: int, spec: SyntheticSpec) 
         file_name = f'{index:06d}.png'
         cv2.imwrite(str(root / img_dir(split) / file_name), image[..., ::-1],  # RGB -> BGR
                     [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        cv2.imwrite(str(root / seg_dir(split) / file_name), semantic_map(instances, spec.image_size))
         image_id = index + 1
         images.append(dict(id=image_id, file_name=file_name, height=spec.image_size,
                            width=spec.image_size))
@@ -105,6 +115,14 @@ def _write_split(root: Path, split: str, split_index: int, spec: SyntheticSpec) 
     with open(root / ann_file(split), 'w') as f:
         json.dump(dict(images=images, annotations=annotations, categories=categories,
                        info=dict(description=f'instseg synthetic shapes, {split}', spec=asdict(spec))), f)
+
+
+def semantic_map(instances, size: int) -> np.ndarray:
+    """The per-pixel class map of an image's (visible, disjoint) instance masks."""
+    classes = np.full((size, size), len(CLASSES), dtype=np.uint8)
+    for label, mask in instances:
+        classes[mask.astype(bool)] = label
+    return classes
 
 
 def draw_image(rng: np.random.Generator, spec: SyntheticSpec):

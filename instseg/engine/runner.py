@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from instseg.config import COCO_STAT_NAMES, synthetic_spec, to_mmengine
+from instseg.config import COCO_STAT_NAMES, synthetic_spec, to_mmengine, uses_semantic_maps
 from instseg.data.coco import check_classes
 from instseg.errors import ConfigError
 
@@ -25,6 +25,13 @@ def prepare_data(cfg: DictConfig, splits) -> None:
         images = Path(data.root) / data[split].img
         if not images.is_dir():
             raise ConfigError(f'data.{split}.img: image directory not found: {images}')
+    if 'train' in splits and uses_semantic_maps(OmegaConf.to_container(cfg.model, resolve=True)):
+        maps = Path(data.root) / str(data.train.get('seg'))
+        if not data.train.get('seg') or not maps.is_dir():
+            raise ConfigError(f'model={cfg.model.name} trains a semantic branch on per-pixel class maps, and '
+                              f'data.train.seg={data.train.get("seg")} is not a directory under {data.root}; '
+                              'set data.train.seg=DIR (e.g. COCO-stuff\'s stuffthingmaps/train2017/) '
+                              'or model.semantic=false')
 
 
 def check_device(cfg: DictConfig) -> None:

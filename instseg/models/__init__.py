@@ -1,7 +1,15 @@
-"""instseg's own detector parts (registered in instseg.registry.MODELS on import) and model building.
+"""instseg's own detector parts and model building.
 
-Mask R-CNN, Cascade, HTC and CondInst are mmdet's; modules mmdet lacks will live here."""
+Mask R-CNN, Cascade, HTC and CondInst are mmdet's; the modules mmdet lacks live in this package's
+subpackages (``panet/``, ``blendmask/``, ``knet/``), each registering in ``instseg.registry.MODELS`` on
+import. Every subpackage is imported here, so a new detector needs no edit outside its own folder."""
+import importlib
+import pkgutil
+
 from omegaconf import DictConfig
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f'{__name__}.{_module.name}')
 
 
 def build_model(cfg: DictConfig):

@@ -65,3 +65,18 @@ def test_instances_span_sizes_and_occlude(dataset):
 def test_spec_is_checked():
     with pytest.raises(ValueError, match='min_object_size'):
         SyntheticSpec(image_size=16, min_object_size=10)
+
+
+def test_semantic_maps_are_the_instances_classes(dataset):
+    """The per-pixel class map of each image: its instances' category id - 1, background len(CLASSES)."""
+    import cv2
+    root, coco = dataset
+    for image in coco['images'][:10]:
+        semantic = cv2.imread(str(root / synthetic.seg_dir('train') / image['file_name']), cv2.IMREAD_UNCHANGED)
+        expected = np.full((image['height'], image['width']), len(CLASSES), dtype=np.uint8)
+        for a in coco['annotations']:
+            if a['image_id'] == image['id']:
+                mask = mask_utils.decode(dict(a['segmentation'], counts=a['segmentation']['counts'].encode()))
+                expected[mask.astype(bool)] = a['category_id'] - 1
+        assert semantic.dtype == np.uint8 and np.array_equal(semantic, expected)
+    assert synthetic.SEMANTIC_CLASSES == len(CLASSES) + 1

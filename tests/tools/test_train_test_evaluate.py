@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from conftest import SMALL_SYNTHETIC, run_tool, shared
 
+from instseg.cli import group_options
 from instseg.config import COCO_STAT_NAMES
 
 SMOKE = ['schedule=smoke', 'schedule.max_iters=4', 'runtime.checkpoint_interval=2', 'runtime.log_interval=1']
@@ -97,7 +98,7 @@ def test_existing_run_is_never_overwritten(run_dir):
 
 
 @pytest.mark.parametrize('args, message', [
-    (['model=htcc'], 'model=htcc: no such option; valid choices: mask_rcnn'),
+    (['model=htcc'], f"model=htcc: no such option; valid choices: {', '.join(group_options('model'))}"),
     (['schedule.max_iter=2'], "unknown key 'schedule.max_iter'"),
     (['seed=x'], "seed: expected an integer, got 'x'"),
     (['-m', 'model=mask_rcnn,nope'], 'model=nope: no such option'),
@@ -158,3 +159,27 @@ def test_multirun_gives_each_job_its_own_work_dir_and_seeds_reproduce(tmp_path):
     same, other = weights('0'), weights('2')
     assert all(torch.equal(same[k], other[k]) for k in same)  # deterministic=true: same seed, same run
     assert not all(torch.equal(same[k], v) for k, v in weights('1').items())
+
+
+DETECTORS = group_options('model')
+
+
+@pytest.fixture(scope='module')
+def every_detector(tmp_path_factory):
+    """One -m sweep trains every detector for two iterations: job i is DETECTORS[i]."""
+    sweep = tmp_path_factory.mktemp('detectors') / 'sweep'
+    run_tool('train', '-m', f'model={",".join(DETECTORS)}', 'schedule=smoke', 'schedule.max_iters=2',
+             *SMALL_SYNTHETIC, f'work_dir={sweep}', timeout=900)
+    return sweep
+
+
+@pytest.mark.parametrize('name', DETECTORS)
+def test_every_detector_trains_then_tests_to_the_same_metrics(every_detector, name, tmp_path):
+    job = every_detector / str(DETECTORS.index(name))
+    assert f'name: {name}' in (job / 'config.yaml').read_text()
+    trained = _metrics(job / 'metrics.json')
+    assert set(trained) >= {'bbox', 'segm', 'classwise'}
+    out = tmp_path / 'test'
+    run_tool('test', f'checkpoint={job / "iter_2.pth"}', f'work_dir={out}')
+    tested = _metrics(out / 'metrics.json')
+    assert tested['segm'] == trained['segm'] and tested['bbox'] == trained['bbox']
