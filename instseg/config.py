@@ -154,7 +154,7 @@ def to_mmengine(cfg: DictConfig, *, mode: str = 'train', checkpoint: str | None 
         val_cfg=dict(type='ValLoop'),
         test_cfg=dict(type='TestLoop'),
         optim_wrapper=dict(type='AmpOptimWrapper' if c['amp'] else 'OptimWrapper',
-                           optimizer=schedule['optimizer'], clip_grad=schedule['clip_grad']),
+                           optimizer=_optimizer(schedule['optimizer']), clip_grad=schedule['clip_grad']),
         param_scheduler=_param_schedulers(schedule),
         auto_scale_lr=dict(enable=schedule['auto_scale_lr'], base_batch_size=schedule['base_batch_size']),
         default_hooks=dict(
@@ -216,6 +216,11 @@ def _dataloader(data, split, schedule, *, train: bool, semantic: bool = False) -
                 sampler=dict(type='DefaultSampler', shuffle=train),
                 batch_sampler=dict(type='AspectRatioBatchSampler') if train else None,
                 dataset=dataset)
+
+
+def _optimizer(optimizer: dict) -> dict:
+    """A null removes a key: a recipe that swaps SGD for AdamW writes ``momentum: null``."""
+    return {k: v for k, v in optimizer.items() if v is not None}
 
 
 def _param_schedulers(s) -> list:

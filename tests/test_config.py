@@ -215,3 +215,30 @@ def test_htc_without_semantic_maps_fails_in_one_line(tmp_path):
     prepare_data(compose('train', ['model=htc', 'model.semantic=false', 'data=coco', f'data.root={root}',
                                    'data.train.ann=trainval.json', 'data.train.img=images',
                                    'data.val.ann=trainval.json', 'data.val.img=images']), ('train', 'val'))
+
+
+@pytest.mark.parametrize('experiment, iters, steps', [
+    ('condinst_r50_fpn_1x_coco', 90_000, [60_000, 80_000]),         # mmdet's ms-poly-90k
+    ('condinst_r50_fpn_ms_3x_coco', 270_000, [210_000, 250_000]),   # AdelaiDet's MS_R_50_3x
+])
+def test_condinst_recipes_match_their_references(experiment, iters, steps):
+    mm = _mm(experiment)
+    assert mm.model.type == 'CondInst' and mm.model.backbone.depth == 50 and mm.model.neck.start_level == 1
+    assert mm.optim_wrapper.optimizer == dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=0.0001)
+    assert mm.train_cfg == dict(type='IterBasedTrainLoop', max_iters=iters, val_interval=10000)
+    assert mm.param_scheduler == [
+        dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=1000),
+        dict(type='MultiStepLR', by_epoch=False, begin=0, end=iters, milestones=steps, gamma=0.1)]
+    assert mm.train_dataloader.batch_size == 2 and mm.default_hooks.checkpoint.interval == 10000
+    resize = [t for t in mm.train_dataloader.dataset.pipeline if 'Resize' in t['type']][0]
+    assert resize == dict(type='RandomChoiceResize', keep_ratio=True,
+                          scales=[(1333, s) for s in (640, 672, 704, 736, 768, 800)])
+    assert mm.model.test_cfg == dict(nms_pre=1000, min_bbox_size=0, score_thr=0.05,
+                                     nms=dict(type='nms', iou_threshold=0.6), max_per_img=100, mask_thr=0.5)
+
+
+def test_a_model_can_lengthen_its_cpu_schedule_and_the_command_line_still_wins():
+    assert compose('train', ['model=knet']).schedule.max_iters == 3000       # schedule/model/cpu_knet.yaml
+    assert compose('train', ['model=knet', 'schedule=smoke']).schedule.max_iters == 4
+    assert compose('train', ['model=knet', 'schedule.max_iters=50']).schedule.max_iters == 50
+    assert compose('train', ['model=mask_rcnn']).schedule.max_iters == 1400

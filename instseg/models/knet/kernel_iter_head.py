@@ -1,0 +1,86 @@
+"""K-Net's iterative stages: S kernel-update heads, each refining the previous stage's kernels and masks.
+
+Reference (ZwwWayne/K-Net @ 5e50ee5): knet/det/kernel_iter_head.py (``KernelIterHead``) as
+configs/det/_base_/models/knet_s3_r50_fpn.py L66-139 builds it: 3 stages of equal loss
+weight, each matched (mmdet's HungarianAssigner here) on the *previous* stage's predictions
+(post_assign False: stage 0 on the RPN-like stage's masks, without class scores), mask logits
+upsampled to the GT masks' stride 4 for matching, loss and inference (mask_upsample_stride 2 from
+the fused stride 8). Inference (``simple_test`` L233-283, ``rescale_masks``/``get_seg_masks``):
+the top max_per_img (class, kernel) pairs by sigmoid score, masks resized to the padded input,
+cropped to the image, resized to the original size and thresholded at mask_thr.
+"""
+from typing import Dict, List, Optional, Tuple
+
+import torch.nn.functional as F
+from mmdet.structures.mask import mask2bbox
+from mmengine.model import BaseModule, ModuleList
+from mmengine.structures import InstanceData
+from torch import Tensor
+
+from instseg.models.knet.losses import match, resize_like
+from instseg.registry import MODELS, TASK_UTILS
+
+
+@MODELS.register_module()
+class KernelIterHead(BaseModule):
+    """``num_stages`` KernelUpdateHeads (``mask_head``: one config for all, or a list of one per stage)."""
+
+    def __init__(self, mask_head, num_stages: int = 3, stage_loss_weights: Optional[List[float]] = None,
+                 train_cfg=None, test_cfg=None, init_cfg=None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        heads = mask_head if isinstance(mask_head, (list, tuple)) else [mask_head] * num_stages
+        assert len(heads) == num_stages, (len(heads), num_stages)
+        self.mask_head = ModuleList(MODELS.build(cfg) for cfg in heads)
+        self.stage_loss_weights = list(stage_loss_weights or [1.0] * num_stages)
+        self.assigner = TASK_UTILS.build(train_cfg['assigner']) if train_cfg else None
+        self.test_cfg = test_cfg or {}
+
+    def forward(self, features: Tensor, kernels: Tensor, mask_logits: Tensor) -> List[Tuple[Tensor, Tensor]]:
+        """(class logits, mask logits) of every stage, masks at the features' stride."""
+        outputs = []
+        for head in self.mask_head:
+            cls_logits, mask_logits, kernels = head(features, kernels, mask_logits)
+            outputs.append((cls_logits, mask_logits))
+        return outputs
+
+    def loss(self, features: Tensor, kernels: Tensor, mask_logits: Tensor,
+             gts: List[InstanceData]) -> Dict[str, Tensor]:
+        size = gts[0].masks.shape[-2:]
+        prev_cls, prev_masks = None, resize_like(mask_logits, size).detach()
+        losses = {}
+        for stage, (head, weight) in enumerate(zip(self.mask_head, self.stage_loss_weights)):
+            cls_logits, mask_logits, kernels = head(features, kernels, mask_logits)
+            scaled_masks = resize_like(mask_logits, size)
+            # Matched on the previous stage's predictions, which the stage is refining.
+            matches = match(self.assigner, prev_masks, prev_cls, gts, head.num_classes)
+            for name, value in head.loss(cls_logits, scaled_masks, matches, gts).items():
+                losses[f's{stage}_{name}'] = value * weight
+            prev_cls, prev_masks = cls_logits.detach(), scaled_masks.detach()
+        return losses
+
+    def predict(self, features: Tensor, kernels: Tensor, mask_logits: Tensor, batch_img_metas: List[dict],
+                rescale: bool = True) -> List[InstanceData]:
+        cls_logits, mask_logits = self(features, kernels, mask_logits)[-1]
+        scores = cls_logits.sigmoid()
+        results = []
+        for img_scores, img_masks, meta in zip(scores, mask_logits, batch_img_metas):
+            num_classes = img_scores.shape[-1]
+            k = min(self.test_cfg.get('max_per_img', 100), img_scores.numel())
+            # One kernel may yield several (class, mask) detections, as the reference's top-k.
+            top_scores, top_inds = img_scores.flatten().topk(k)
+            kernel_inds, labels = top_inds // num_classes, top_inds % num_classes
+            probs = self._masks_at_image_size(img_masks[kernel_inds], meta, rescale)
+            masks = probs > self.test_cfg.get('mask_thr', 0.5)
+            results.append(InstanceData(bboxes=mask2bbox(masks), scores=top_scores, labels=labels, masks=masks))
+        return results
+
+    @staticmethod
+    def _masks_at_image_size(mask_logits: Tensor, meta: dict, rescale: bool) -> Tensor:
+        """Probabilities at the padded input size, cropped to the image, then at the original size
+        when ``rescale`` (the reference's ``rescale_masks``, sigmoid first as there)."""
+        h, w = meta['img_shape'][:2]
+        probs = F.interpolate(mask_logits[None].sigmoid(), size=tuple(meta['batch_input_shape']),
+                              mode='bilinear', align_corners=False)[..., :h, :w]
+        if rescale:
+            probs = F.interpolate(probs, size=tuple(meta['ori_shape'][:2]), mode='bilinear', align_corners=False)
+        return probs[0]

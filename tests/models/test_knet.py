@@ -1,0 +1,185 @@
+"""K-Net: the matcher, the kernel update, loss and predict modes, building from the configs (tiny, CPU)."""
+import numpy as np
+import torch
+from conftest import run_tool
+from mmdet.structures import DetDataSample
+from mmdet.structures.mask import BitmapMasks
+from mmengine.registry import init_default_scope
+from mmengine.structures import InstanceData
+from omegaconf import OmegaConf
+
+from instseg.cli import compose
+from instseg.config import to_mmengine
+from instseg.models import build_model
+from instseg.models.knet import KNet, KernelIterHead
+from instseg.models.knet.losses import match
+from instseg.registry import MODELS, TASK_UTILS
+
+NUM_CLASSES = 5
+TINY = ['model.backbone.base_channels=8', 'model.neck.out_channels=32', 'model.rpn_head.num_proposals=6',
+        'model.roi_head.mask_head.num_heads=2', 'model.roi_head.mask_head.feedforward_channels=64']
+
+
+def _tiny_model() -> KNet:
+    torch.manual_seed(0)
+    model = build_model(compose('train', ['model=knet', *TINY]))
+    model.init_weights()
+    return model
+
+
+def _sample(boxes, labels, img_shape=(64, 64), ori_shape=None) -> DetDataSample:
+    """A data sample with rectangular GT masks (boxes as x1, y1, x2, y2 in image pixels)."""
+    h, w = img_shape
+    ori_shape = ori_shape or img_shape
+    sample = DetDataSample(metainfo=dict(img_shape=img_shape, ori_shape=ori_shape,
+                                         scale_factor=(w / ori_shape[1], h / ori_shape[0])))
+    masks = np.zeros((len(boxes), h, w), np.uint8)
+    for mask, (x1, y1, x2, y2) in zip(masks, boxes):
+        mask[y1:y2, x1:x2] = 1
+    sample.gt_instances = InstanceData(labels=torch.tensor(labels, dtype=torch.long),
+                                       bboxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                                       masks=BitmapMasks(masks, h, w))
+    return sample
+
+
+def _batch(samples, training: bool, model: KNet):
+    images = [torch.randint(0, 256, (3, *s.metainfo['img_shape']), dtype=torch.uint8) for s in samples]
+    return model.data_preprocessor(dict(inputs=images, data_samples=samples), training)
+
+
+# ----------------------------------------------------------------------------- matching
+def test_matcher_finds_the_obvious_assignment():
+    init_default_scope('instseg')
+    cfg = compose('train', ['model=knet'])
+    assigner = TASK_UTILS.build(OmegaConf.to_container(cfg.model.train_cfg.rcnn.assigner))
+    left = torch.zeros(8, 8)
+    left[:, :4] = 1
+    corner = torch.zeros(8, 8)
+    corner[4:, 4:] = 1
+    gt = InstanceData(labels=torch.tensor([1, 3]), masks=torch.stack([left, corner]))
+    # prediction 0 is nothing; 1 is the corner with class 3; 2 is the left half with class 1
+    mask_logits = torch.stack([torch.full((8, 8), -8.0), corner * 16 - 8, left * 16 - 8])[None]
+    cls_logits = torch.full((1, 3, NUM_CLASSES), -6.0)
+    cls_logits[0, 1, 3] = cls_logits[0, 2, 1] = 6.0
+    [(pred_inds, gt_inds)] = match(assigner, mask_logits, cls_logits, [gt], NUM_CLASSES)
+    assert dict(zip(pred_inds.tolist(), gt_inds.tolist())) == {1: 1, 2: 0}
+    # the masks alone decide when there are no class scores (the first stages)
+    [(pred_inds, gt_inds)] = match(assigner, mask_logits, None, [gt], NUM_CLASSES)
+    assert dict(zip(pred_inds.tolist(), gt_inds.tolist())) == {1: 1, 2: 0}
+    # and the class decides between two equal masks: 0 and 1 are both the left half, 1 with its class
+    twin_masks = torch.stack([left * 16 - 8, left * 16 - 8, corner * 16 - 8])[None]
+    twin_cls = torch.full((1, 3, NUM_CLASSES), -6.0)
+    twin_cls[0, 0, 3] = twin_cls[0, 1, 1] = twin_cls[0, 2, 3] = 6.0
+    [(pred_inds, gt_inds)] = match(assigner, twin_masks, twin_cls, [gt], NUM_CLASSES)
+    assert dict(zip(pred_inds.tolist(), gt_inds.tolist())) == {1: 0, 2: 1}
+
+
+def test_mask_cost_is_the_references_agreement():
+    init_default_scope('instseg')
+    cost = TASK_UTILS.build(dict(type='KNetMaskCost', weight=1.0, pred_act=False))
+    target = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    pred = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.5, 0.5]])
+    values = cost(InstanceData(masks=pred), InstanceData(masks=target, labels=torch.zeros(1, dtype=torch.long)))
+    assert torch.allclose(values.flatten(), torch.tensor([-1.0, 0.0, -0.5]))
+
+
+# ----------------------------------------------------------------------------- kernel update
+def test_kernel_update_shapes_and_kernels_change_every_stage():
+    init_default_scope('instseg')
+    torch.manual_seed(0)
+    head = MODELS.build(dict(type='KernelIterHead', num_stages=3, mask_head=dict(
+        type='KernelUpdateHead', num_classes=NUM_CLASSES, in_channels=16, num_heads=2,
+        feedforward_channels=32, updator_channels=16)))
+    head.init_weights()
+    features, kernels = torch.randn(2, 16, 8, 8), torch.randn(2, 7, 16)
+    mask_logits = torch.randn(2, 7, 4, 4)  # coarser than the features: resized for the grouping
+    stages = [kernels]
+    for stage in head.mask_head:
+        cls_logits, mask_logits, kernels = stage(features, kernels, mask_logits)
+        assert cls_logits.shape == (2, 7, NUM_CLASSES)
+        assert mask_logits.shape == (2, 7, 8, 8)
+        assert kernels.shape == (2, 7, 16)
+        assert not torch.allclose(kernels, stages[-1])
+        stages.append(kernels)
+    outputs = head(features, stages[0], torch.randn(2, 7, 4, 4))
+    assert len(outputs) == 3 and outputs[-1][1].shape == (2, 7, 8, 8)
+
+
+# ----------------------------------------------------------------------------- loss and predict
+def test_loss_is_finite_and_reaches_the_kernels_with_an_image_without_gt():
+    model = _tiny_model()
+    model.train()
+    samples = [_sample([[4, 4, 30, 20], [30, 30, 60, 62]], [0, 4]), _sample([], [])]
+    losses = model(**_batch(samples, True, model), mode='loss')
+    expected = {'loss_rpn_mask', 'loss_rpn_dice', 'loss_rpn_seg'} | {
+        f's{s}_loss_{k}' for s in range(3) for k in ('cls', 'mask', 'dice')}
+    assert set(losses) == expected
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    sum(losses.values()).backward()
+    for param in (model.rpn_head.init_kernels.weight, model.roi_head.mask_head[2].fc_cls.weight,
+                  model.roi_head.mask_head[0].kernel_updator.dynamic_layer.weight, model.backbone.conv1.weight):
+        assert param.grad is not None and torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0
+    # a batch without any GT still gives finite (zero mask) losses
+    losses = model(**_batch([_sample([], [])], True, model), mode='loss')
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses['s2_loss_dice'].item() == 0.0
+
+
+def test_predict_gives_masks_at_the_original_size_and_boxes_enclosing_them():
+    model = _tiny_model()
+    model.eval()
+    sample = _sample([], [], img_shape=(64, 96), ori_shape=(100, 150))  # resized by 0.64
+    with torch.no_grad():
+        [result] = model(**_batch([sample], False, model), mode='predict')
+    pred = result.pred_instances
+    assert pred.masks.dtype == torch.bool and pred.masks.shape[1:] == (100, 150)
+    assert len(pred) == min(100, 6 * NUM_CLASSES)
+    assert pred.bboxes.shape == (len(pred), 4) and pred.labels.max() < NUM_CLASSES
+    assert torch.all(pred.scores[:-1] >= pred.scores[1:])  # top-k, best first
+    nonempty = [i for i, m in enumerate(pred.masks) if m.any()]
+    assert nonempty, 'an untrained model should still predict some foreground'
+    for i in nonempty:
+        ys, xs = torch.nonzero(pred.masks[i], as_tuple=True)
+        x1, y1, x2, y2 = pred.bboxes[i].tolist()
+        assert (x1, y1, x2, y2) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)  # tight and enclosing
+    tensors = model(**_batch([sample], False, model), mode='tensor')
+    assert len(tensors) == 3 and tensors[-1][0].shape == (1, 6, NUM_CLASSES)
+
+
+# ----------------------------------------------------------------------------- configs and tools
+def test_builds_through_the_registry_with_the_cpu_fit():
+    cfg = compose('train', ['model=knet'])
+    model = build_model(cfg)
+    assert isinstance(model, KNet) and isinstance(model.roi_head, KernelIterHead)
+    assert len(model.roi_head.mask_head) == 3
+    assert model.rpn_head.init_kernels.out_channels == cfg.model.rpn_head.num_proposals == 30  # tuning/cpu_knet
+    assert cfg.model.neck.out_channels == 64 and cfg.model.neck.num_outs == 4
+    reference = compose('train', ['model=knet', 'fit=reference'])
+    assert reference.model.rpn_head.num_proposals == 100 and reference.model.neck.out_channels == 256
+
+
+def test_recipes_follow_the_reference_schedule():
+    cfg = compose('train', ['experiment=knet_r50_fpn_1x_coco'])
+    s = cfg.schedule
+    assert cfg.model.name == 'knet' and cfg.model.backbone.depth == 50 and cfg.data.num_classes == 80
+    assert cfg.model.rpn_head.num_proposals == 100 and cfg.model.neck.out_channels == 256  # fit=reference
+    # SGD's momentum from schedule/1x is removed by the recipe's null
+    assert to_mmengine(cfg).optim_wrapper.optimizer == {'type': 'AdamW', 'lr': 1e-4, 'weight_decay': 0.05}
+    assert s.clip_grad.max_norm == 1 and s.warmup_iters == 1000 and s.max_epochs == 12 and list(s.steps) == [8, 11]
+    assert s.batch_size == 2 and s.base_batch_size == 16 and s.by_epoch
+    ms = compose('train', ['experiment=knet_r50_fpn_ms_3x_coco'])
+    assert ms.schedule.max_epochs == 36 and list(ms.schedule.steps) == [27, 33]
+    assert [short for _, short in ms.data.train_scales] == [640, 672, 704, 736, 768, 800]
+
+
+def test_model_info_tool():
+    lines = run_tool('model_info', 'model=knet').stdout.rstrip().splitlines()
+    assert lines[0] == f'model: knet (KNet), {NUM_CLASSES} classes'
+    assert lines[-1].startswith('params: ') and int(lines[-1].split()[1]) > 1_000_000
+
+
+def test_recipe_parameter_count():
+    # Counted by hand from the reference's layer list (see the K-Net report): R50 23,508,032, FPN
+    # 3,344,384, kernel stage with semantic FPN 4,442,704, 3 update stages 6,187,248 (80 classes).
+    lines = run_tool('model_info', 'experiment=knet_r50_fpn_1x_coco').stdout.rstrip().splitlines()
+    assert lines[-1] == 'params: 37482368'
