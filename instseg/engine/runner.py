@@ -13,18 +13,27 @@ from instseg.errors import ConfigError
 
 
 def prepare_data(cfg: DictConfig, splits) -> None:
-    """Generates the synthetic set on first use and checks the annotation files of ``splits``
-    against ``data.classes``, so a typo fails now, not as AP = 0 after training."""
+    """Generates the synthetic set on first use and checks the data of ``splits`` (annotation
+    files, images, ``data.classes``), so bad data or a typo fails now, not after or as AP = 0."""
+    from instseg.data.coco import release_annotation_files
+    from instseg.data.validate import validate_coco
+
     data = cfg.data
     if 'synthetic' in data:
         from instseg.data import synthetic
         synthetic.ensure_dataset(data.root, synthetic_spec(data.synthetic))
+    if splits and not Path(data.root).is_dir():
+        raise ConfigError(f'data.root: directory not found: {data.root}')
     for split in splits:
         ann = Path(data.root) / data[split].ann
-        check_classes(list(data.classes), ann, f'data.classes (data.{split}.ann)')
         images = Path(data.root) / data[split].img
+        summary = validate_coco(ann, images, f'data.{split}', classes=list(data.classes), training=split == 'train')
+        if summary.line():
+            print(summary.line())
+        check_classes(list(data.classes), ann, f'data.classes (data.{split}.ann)')
         if not images.is_dir():
             raise ConfigError(f'data.{split}.img: image directory not found: {images}')
+    release_annotation_files()  # mmdet parses its own copy
     if 'train' in splits and uses_semantic_maps(OmegaConf.to_container(cfg.model, resolve=True)):
         maps = Path(data.root) / str(data.train.get('seg'))
         if not data.train.get('seg') or not maps.is_dir():
