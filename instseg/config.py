@@ -161,12 +161,15 @@ def to_mmengine(cfg: DictConfig, *, mode: str = 'train', checkpoint: str | None 
             timer=dict(type='IterTimerHook'),
             logger=dict(type='LoggerHook', interval=runtime['log_interval']),
             param_scheduler=dict(type='ParamSchedulerHook'),
-            checkpoint=dict(type='CheckpointHook', interval=runtime['checkpoint_interval'],
+            # mmengine's, written atomically; saves on SIGINT/SIGTERM (instseg.engine.hooks)
+            checkpoint=dict(type='SafeCheckpointHook', interval=runtime['checkpoint_interval'],
                             by_epoch=by_epoch, max_keep_ckpts=runtime['max_keep_checkpoints'],
                             save_last=True),
             sampler_seed=dict(type='DistSamplerSeedHook'),
             visualization=dict(type='DetVisualizationHook')),
-        custom_hooks=[dict(type='RNGStateHook'), dict(type='MetricsFileHook')],
+        custom_hooks=[dict(type='RNGStateHook'), dict(type='MetricsFileHook'), dict(type='NonFiniteLossHook'),
+                      # load_from may fine-tune to other classes; a tested checkpoint must fit exactly
+                      dict(type='CheckpointMatchHook', partial_load_from=mode == 'train')],
         log_processor=dict(type='LogProcessor', window_size=runtime['log_interval'], by_epoch=by_epoch),
         visualizer=dict(type='DetLocalVisualizer', vis_backends=(
             [dict(type='LocalVisBackend')] + ([dict(type='TensorboardVisBackend')] if runtime['tensorboard'] else []))),

@@ -9,6 +9,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from instseg.config import COCO_STAT_NAMES, synthetic_spec, to_mmengine, uses_semantic_maps
 from instseg.data.coco import check_classes
+from instseg.engine.checkpoint import CheckpointError
+from instseg.engine.hooks import NonFiniteError
 from instseg.errors import ConfigError
 
 
@@ -73,7 +75,10 @@ def train(cfg: DictConfig) -> dict:
     work_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, work_dir)
     runner = Runner.from_cfg(to_mmengine(cfg, mode='train'))
-    runner.train()
+    try:
+        runner.train()
+    except (CheckpointError, NonFiniteError) as e:  # one line naming the checkpoint that is intact
+        raise ConfigError(str(e)) from None
     metrics = read_metrics(work_dir)
     print_summary(metrics, work_dir)
     return metrics
@@ -90,7 +95,10 @@ def test(cfg: DictConfig, checkpoint: str, format_only: bool = False) -> dict:
     work_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, work_dir)
     runner = Runner.from_cfg(to_mmengine(cfg, mode='test', checkpoint=checkpoint, format_only=format_only))
-    runner.test()
+    try:
+        runner.test()
+    except CheckpointError as e:  # truncated, unsafe, or from another model
+        raise ConfigError(str(e)) from None
     if format_only:
         print(f'results: {", ".join(str(p) for p in sorted(work_dir.glob("results.*.json")))}')
         return {}
