@@ -149,42 +149,59 @@ def main(config_name: str, task: Callable[[DictConfig], Any]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
+    from instseg.engine import dist
+
     args = sys.argv[1:]
+    submitit, composed = False, None
     if not any(a in _PASS_THROUGH_FLAGS or a.startswith('--cfg') or a == '-c' for a in args):
         try:
-            _check_command_line(config_name, args)
+            dist.init_process_group()  # torchrun's and srun's processes join before Hydra starts
+            composed = _check_command_line(config_name, args)
+            # Every rank runs with rank 0's (time-stamped) work_dir.
+            sys.argv[1:] = dist.with_shared_work_dir(args, composed.get('work_dir'))
+            submitit = any(a.startswith('hydra/launcher=submitit') for a in args)
+            if submitit:  # the jobs print into files: say where, so the sweep's directory is this one
+                sys.argv[1:] = dist.pin_work_dir(sys.argv[1:], composed.get('work_dir'))
         except ConfigError as e:
             fail(e)
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base='1.3')
     def _run(cfg: DictConfig) -> Any:
-        # Multirun gives each job its own directory under the sweep's: make that the work_dir.
-        if 'work_dir' in cfg:
-            cfg.work_dir = str(Path(HydraConfig.get().runtime.output_dir).resolve())
         try:
-            return task(cfg)
+            with dist.process_group():  # submitit's tasks start here, in the job
+                # Multirun gives each job its own directory under the sweep's: make that the work_dir.
+                if 'work_dir' in cfg:
+                    cfg.work_dir = str(Path(HydraConfig.get().runtime.output_dir).resolve())
+                if config_name == 'train':
+                    dist.resume_if_requeued(cfg)
+                return task(cfg)
         except ConfigError as e:
             fail(e)
 
     _run()
+    dist.leave_process_group()
+    if submitit and composed.get('work_dir'):
+        print(f"runs: {composed.work_dir}/<job number>/; the jobs' output: "
+              f'{composed.work_dir}/.submitit/<job id>/<job id>_<rank>_log.out')
 
 
-def _check_command_line(config_name: str, args: list) -> None:
+def _check_command_line(config_name: str, args: list) -> DictConfig:
+    """Checks the command line; returns its config (multirun: the first combination's)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     overrides = [a for a in args if not a.startswith('-')]
     if not any(a in ('-m', '--multirun') for a in args):
-        compose(config_name, overrides)
-        return
+        return compose(config_name, overrides)
     # Multirun: check every swept value once, with the first value of the other sweeps.
     parsed = OverridesParser.create().parse_overrides(overrides)
     firsts = [_with_value(o, next(iter(o.sweep_string_iterator()))) if o.is_sweep_override()
               else o.input_line for o in parsed]
-    compose(config_name, firsts)
+    first = compose(config_name, firsts)
     for i, o in enumerate(parsed):
         if o.is_sweep_override():
             for value in o.sweep_string_iterator():
                 compose(config_name, firsts[:i] + [_with_value(o, value)] + firsts[i + 1:])
+    return first
 
 
 def _with_value(override, value: str) -> str:

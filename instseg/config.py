@@ -126,6 +126,8 @@ def to_mmengine(cfg: DictConfig, *, mode: str = 'train', checkpoint: str | None 
     """Builds the mmengine ``Config`` for ``mode`` ('train' or 'test') from a composed config."""
     from mmengine.config import Config
 
+    from instseg.engine import dist
+
     c = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     data, schedule, runtime = c['data'], c['schedule'], c['runtime']
     by_epoch = schedule['by_epoch']
@@ -136,7 +138,12 @@ def to_mmengine(cfg: DictConfig, *, mode: str = 'train', checkpoint: str | None 
     eval_split = data['test'] if mode == 'test' else data['val']
     evaluator = dict(type='InstsegCocoMetric', ann_file=os.path.join(data['root'], eval_split['ann']),
                      metric=['bbox', 'segm'], classwise=True, format_only=format_only,
-                     outfile_prefix=os.path.join(work_dir, 'results') if mode == 'test' else None)
+                     outfile_prefix=os.path.join(work_dir, 'results') if mode == 'test' else None,
+                     # 'gpu' gathers every rank's predictions through the process group (gloo on
+                     # CPUs too); mmengine's 'cpu' needs a directory shared by all nodes.
+                     collect_device='gpu')
+    launcher = _launcher(c['launcher'])
+    dist.check_sync_bn(model, distributed=launcher != 'none')
     mm = dict(
         default_scope='instseg',
         work_dir=work_dir,
@@ -175,8 +182,9 @@ def to_mmengine(cfg: DictConfig, *, mode: str = 'train', checkpoint: str | None 
             [dict(type='LocalVisBackend')] + ([dict(type='TensorboardVisBackend')] if runtime['tensorboard'] else []))),
         env_cfg=dict(cudnn_benchmark=runtime['cudnn_benchmark'],
                      mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
-                     dist_cfg=dict(backend='nccl' if _cuda() else 'gloo')),
-        launcher=_launcher(c['launcher']),
+                     dist_cfg=dict(backend=dist.backend(), timeout=dist.timeout_s())),
+        launcher=launcher,
+        model_wrapper_cfg=dist.model_wrapper_cfg(),
         randomness=dict(seed=c['seed'], deterministic=c['deterministic']),
         log_level='INFO',
         resume=bool(c['resume']) and mode == 'train',
@@ -269,15 +277,13 @@ def _set_backbone_init(model: dict, *, pretrained: bool) -> None:
 
 
 def _launcher(launcher: str) -> str:
+    """mmengine's launcher. instseg joins the process group itself (instseg.engine.dist) from
+    torchrun's, Slurm's or submitit's variables, so any launch is 'pytorch' to mmengine."""
+    from instseg.engine import dist
+    world = dist.world_from_environment()
+    if launcher == 'none' and world is not None:
+        raise ConfigError(f'launcher=none: this process is rank {world.rank} of {world.world_size} '
+                          f'({world.launcher}); drop launcher=none or start one process')
     if launcher != 'auto':
         return launcher
-    if 'LOCAL_RANK' in os.environ and int(os.environ.get('WORLD_SIZE', '1')) > 1:
-        return 'pytorch'  # torchrun
-    if int(os.environ.get('SLURM_NTASKS', '1')) > 1 and 'SLURM_PROCID' in os.environ:
-        return 'slurm'
-    return 'none'
-
-
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
+    return 'pytorch' if world is not None else 'none'

@@ -61,7 +61,10 @@ def save_config(cfg: DictConfig, work_dir: Path) -> None:
 
 
 def train(cfg: DictConfig) -> dict:
+    from mmengine.dist import is_main_process
     from mmengine.runner import Runner
+
+    from instseg.engine import dist
 
     work_dir = Path(cfg.work_dir)
     has_run = (work_dir / 'last_checkpoint').is_file()
@@ -73,18 +76,23 @@ def train(cfg: DictConfig) -> dict:
     check_device(cfg)
     prepare_data(cfg, ('train', 'val'))
     work_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, work_dir)
+    if is_main_process():  # all ranks have one config and work_dir; rank 0 writes, as mmengine does
+        save_config(cfg, work_dir)
     runner = Runner.from_cfg(to_mmengine(cfg, mode='train'))
+    dist.register_hooks(runner)
     try:
         runner.train()
     except (CheckpointError, NonFiniteError) as e:  # one line naming the checkpoint that is intact
         raise ConfigError(str(e)) from None
+    if not is_main_process():
+        return {}
     metrics = read_metrics(work_dir)
     print_summary(metrics, work_dir)
     return metrics
 
 
 def test(cfg: DictConfig, checkpoint: str, format_only: bool = False) -> dict:
+    from mmengine.dist import is_main_process
     from mmengine.runner import Runner
 
     if not Path(checkpoint).is_file():
@@ -93,12 +101,15 @@ def test(cfg: DictConfig, checkpoint: str, format_only: bool = False) -> dict:
     prepare_data(cfg, () if format_only else ('test',))  # format_only: no ground truth to check
     work_dir = Path(cfg.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, work_dir)
+    if is_main_process():
+        save_config(cfg, work_dir)
     runner = Runner.from_cfg(to_mmengine(cfg, mode='test', checkpoint=checkpoint, format_only=format_only))
     try:
         runner.test()
     except CheckpointError as e:  # truncated, unsafe, or from another model
         raise ConfigError(str(e)) from None
+    if not is_main_process():
+        return {}
     if format_only:
         print(f'results: {", ".join(str(p) for p in sorted(work_dir.glob("results.*.json")))}')
         return {}
