@@ -50,6 +50,10 @@ def compose(config_name: str, overrides: Iterable[str] = ()) -> DictConfig:
         groups = [o for o in overrides if _is_group(o.split('=')[0].lstrip('+~'))]
         if len(groups) < len(overrides):  # values given: compare their types with the defaults'
             _check_types(cfg, hydra_compose(config_name, groups), overrides)
+        hydra_values = [o for o in overrides if o.lstrip('+~').startswith('hydra.')]
+        if hydra_values:
+            _check_hydra_code(cfg, hydra_compose(config_name, [o for o in overrides if o not in hydra_values],
+                                                 return_hydra_config=True))
     with open_dict(cfg):
         del cfg['hydra']  # it resolves only inside a running Hydra job
     _check_resolvable(cfg)
@@ -98,6 +102,34 @@ def _check_types(cfg: DictConfig, base: DictConfig, overrides: list) -> None:
             continue
         if not _same_kind(old, new):
             raise ConfigError(f'{key}: expected {_kind(old)}, got {override.get_value_element_as_str()!r}')
+
+
+# Keys whose value Hydra imports and calls: instantiate's ``_target_`` (launchers, sweepers, callbacks)
+# and logging.config.dictConfig's ``()`` and ``class`` (hydra.job_logging, hydra.hydra_logging).
+_HYDRA_CODE_KEYS = ('_target_', '()', 'class')
+
+
+def _check_hydra_code(cfg: DictConfig, shipped: DictConfig) -> None:
+    """hydra.* values on the command line may not name code (``+hydra.callbacks.x={_target_: os.system,
+    command: ...}`` would run it): every such key must keep the value Hydra's and our config groups
+    give it. A plugin is chosen by its group instead (``hydra/launcher=submitit_slurm``)."""
+    allowed = dict(_code_values(OmegaConf.to_container(shipped.hydra, resolve=False), 'hydra'))
+    for path, value in _code_values(OmegaConf.to_container(cfg.hydra, resolve=False), 'hydra'):
+        if path not in allowed or allowed[path] != value:
+            raise ConfigError(f'{path}={value!r}: not allowed on the command line: Hydra would import and call '
+                              'it; choose a Hydra plugin by its group (e.g. hydra/launcher=submitit_slurm)')
+
+
+def _code_values(tree: Any, path: str):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            if key in _HYDRA_CODE_KEYS:
+                yield f'{path}.{key}', value
+            else:
+                yield from _code_values(value, f'{path}.{key}')
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            yield from _code_values(value, f'{path}[{i}]')
 
 
 def _kind(value: Any) -> str:

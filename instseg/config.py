@@ -7,6 +7,8 @@ mmengine's dataloaders, loops, hooks and schedulers; nothing else in instseg bui
 from __future__ import annotations
 
 import copy
+import difflib
+import functools
 import importlib.util
 import os
 import warnings
@@ -129,6 +131,7 @@ def to_mmengine(cfg: DictConfig, *, mode: str = 'train', checkpoint: str | None 
     from instseg.engine import dist
 
     c = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    check_buildable(c)
     data, schedule, runtime = c['data'], c['schedule'], c['runtime']
     by_epoch = schedule['by_epoch']
     model = {k: v for k, v in c['model'].items() if k not in INSTSEG_MODEL_KEYS}
@@ -274,6 +277,75 @@ def _set_backbone_init(model: dict, *, pretrained: bool) -> None:
         backbone.pop('init_cfg')
         if pretrained is False:
             backbone.update(frozen_stages=-1, norm_eval=False)
+
+
+# ----------------------------------------------------------------------------- what may be built
+# The registry scopes a config's types come from (instseg's, then its parents').
+REGISTRY_SCOPES = ('instseg', 'mmdet', 'mmengine')
+# Registered, but eval() one of their arguments: no config may name them.
+_EVALUATES_ARGUMENTS = ('CameraMotionCompensation', 'RFSearchHook')
+
+
+@functools.lru_cache(maxsize=None)
+def buildable_types() -> frozenset:
+    """The names a config's ``type`` may take: every type registered in instseg's registries and their
+    parents (mmdet's, mmengine's, mmcv's layers), and mmcv.ops' layers and functions, which mmcv looks
+    up by name itself (``roi_layer``, and ``nms`` types, which ``batched_nms`` eval()s)."""
+    import mmcv.ops
+    from mmengine.registry import Registry
+
+    from instseg import registry as instseg_registries
+
+    names = set(mmcv.ops.__all__)
+    for registry in vars(instseg_registries).values():
+        if isinstance(registry, Registry):
+            registry.import_from_location()
+            while registry is not None:
+                names.update(registry.module_dict)
+                registry = registry.parent
+    return frozenset(names.difference(_EVALUATES_ARGUMENTS))
+
+
+def check_buildable(cfg) -> None:
+    """Refuses, in one line naming the key, anything in a composed config that could import or run
+    code rather than build a registered type: mmengine's ``Registry.get`` imports any name it does
+    not find (``type: os.system``), mmcv's ``batched_nms`` eval()s its ``type``, ``custom_imports``
+    imports modules, ``_scope_`` imports ``<scope>.registry``, and ``_target_`` is Hydra's
+    instantiate-anything key. Every ``type`` must be a ``buildable_types()`` name (or a class that
+    instseg's code put there)."""
+    tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    for path, node in _mappings({k: v for k, v in tree.items() if k != 'hydra'}):
+        where = f'{path}.' if path else ''
+        if 'custom_imports' in node:
+            raise ConfigError(f'{where}custom_imports: not allowed: a config cannot import modules (instseg, '
+                              'mmdet and their parts register when instseg is imported)')
+        if '_target_' in node:
+            raise ConfigError(f'{where}_target_={node["_target_"]!r}: not allowed: a config builds registered '
+                              'types (type: NAME), never a Python path')
+        if '_scope_' in node and node['_scope_'] not in REGISTRY_SCOPES:
+            raise ConfigError(f'{where}_scope_={node["_scope_"]!r} is not a registry scope '
+                              f'({", ".join(REGISTRY_SCOPES)})')
+        value = node.get('type')
+        if 'type' in node and not isinstance(value, type) and \
+                not (isinstance(value, str) and value in buildable_types()):
+            close = difflib.get_close_matches(value, buildable_types(), n=1) \
+                if isinstance(value, str) and '.' not in value else []
+            raise ConfigError(f'{where}type={value!r} is not a registered type (types are looked up in the '
+                              'instseg registry; dotted import paths are not allowed)'
+                              + (f"; did you mean '{close[0]}'?" if close else ''))
+
+
+def _mappings(tree, path: str = ''):
+    """(key path, mapping) for every mapping in a tree of dicts and lists, ``tree`` included."""
+    if isinstance(tree, dict):
+        yield path, tree
+        children = ((f'{path}.{k}' if path else str(k), v) for k, v in tree.items())
+    elif isinstance(tree, (list, tuple)):
+        children = ((f'{path}[{i}]', v) for i, v in enumerate(tree))
+    else:
+        return
+    for child_path, child in children:
+        yield from _mappings(child, child_path)
 
 
 def _launcher(launcher: str) -> str:

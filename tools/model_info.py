@@ -14,9 +14,9 @@ from instseg.models import build_model
 def main(overrides):
     try:
         cfg = compose('train', overrides)
+        model = build_model(cfg)
     except ConfigError as e:
         fail(e)
-    model = build_model(cfg)
     print(f'model: {cfg.model.name} ({type(model).__name__}), {cfg.data.num_classes} classes')
     for name, child in model.named_children():
         count = sum(p.numel() for p in child.parameters())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from instseg.config import COCO_STAT_NAMES, synthetic_spec, to_mmengine, uses_semantic_maps
+from instseg.config import COCO_STAT_NAMES, check_buildable, synthetic_spec, to_mmengine, uses_semantic_maps
 from instseg.data.coco import check_classes
 from instseg.engine.checkpoint import CheckpointError
 from instseg.engine.hooks import NonFiniteError
@@ -74,6 +74,7 @@ def train(cfg: DictConfig) -> dict:
         raise ConfigError(f'work_dir={work_dir} already holds a trained run; '
                           'pass resume=true to continue it, or another work_dir')
     check_device(cfg)
+    check_buildable(cfg)  # nothing in the config may import or run code
     prepare_data(cfg, ('train', 'val'))
     work_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():  # all ranks have one config and work_dir; rank 0 writes, as mmengine does
@@ -98,6 +99,7 @@ def test(cfg: DictConfig, checkpoint: str, format_only: bool = False) -> dict:
     if not Path(checkpoint).is_file():
         raise ConfigError(f'checkpoint: file not found: {checkpoint}')
     check_device(cfg)
+    check_buildable(cfg)
     prepare_data(cfg, () if format_only else ('test',))  # format_only: no ground truth to check
     work_dir = Path(cfg.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
