@@ -9,9 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
-import importlib.util
 import os
-import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -124,8 +122,10 @@ register_resolvers()
 
 # ----------------------------------------------------------------------------- translation
 def to_mmengine(cfg: DictConfig, *, mode: str = 'train', checkpoint: str | None = None,
-                format_only: bool = False):
-    """Builds the mmengine ``Config`` for ``mode`` ('train' or 'test') from a composed config."""
+                format_only: bool = False, backbone_weights: str | None = None):
+    """Builds the mmengine ``Config`` for ``mode`` ('train' or 'test') from a composed config.
+    ``backbone_weights``: the local file of the backbone's ImageNet init (pretrained=true), found by
+    ``instseg.engine.pretrained``; without it the init names its URL."""
     from mmengine.config import Config
 
     from instseg.engine import dist
@@ -135,7 +135,7 @@ def to_mmengine(cfg: DictConfig, *, mode: str = 'train', checkpoint: str | None 
     data, schedule, runtime = c['data'], c['schedule'], c['runtime']
     by_epoch = schedule['by_epoch']
     model = {k: v for k, v in c['model'].items() if k not in INSTSEG_MODEL_KEYS}
-    _set_backbone_init(model, pretrained=c['pretrained'])
+    _set_backbone_init(model, pretrained=c['pretrained'], weights=backbone_weights)
     work_dir = str(Path(c['work_dir']).resolve())
 
     eval_split = data['test'] if mode == 'test' else data['val']
@@ -261,22 +261,33 @@ def _param_schedulers(s) -> list:
     return schedulers
 
 
-def _set_backbone_init(model: dict, *, pretrained: bool) -> None:
-    """ImageNet init needs torchvision's weights; without them, train the backbone from scratch:
-    all stages trainable and BatchNorm statistics updated (frozen random BN would never learn)."""
+def pretrained_backbone(cfg: DictConfig) -> dict | None:
+    """With ``pretrained=true``, the backbone's config (mmdet-shaped, resolved) whose ``init_cfg``
+    names the ImageNet weights (``checkpoint``: a URL or a local file); ``None`` otherwise."""
+    if not cfg.pretrained:
+        return None
+    backbone = OmegaConf.to_container(cfg.model.backbone, resolve=True) if 'backbone' in cfg.model else {}
+    init = backbone.get('init_cfg') or {}
+    if init.get('type') != 'Pretrained' or not init.get('checkpoint'):
+        raise ConfigError('pretrained=true: model.backbone has no init_cfg {type: Pretrained, checkpoint: URL or '
+                          'file}, so nothing would load; name the weights there, or set pretrained=false')
+    return backbone
+
+
+def _set_backbone_init(model: dict, *, pretrained: bool, weights: str | None = None) -> None:
+    """pretrained=true keeps the backbone's ImageNet init, reading ``weights`` (the local copy) where
+    given. Otherwise the backbone trains from scratch: all stages trainable and BatchNorm statistics
+    updated (frozen random BN would never learn)."""
     backbone = model.get('backbone') or {}
     init = backbone.get('init_cfg') or {}
     if init.get('type') != 'Pretrained':
         return
-    if pretrained and str(init.get('checkpoint', '')).startswith('torchvision://') \
-            and importlib.util.find_spec('torchvision') is None:
-        warnings.warn(f"pretrained=true but torchvision is not installed: "
-                      f"{init['checkpoint']} is unreachable, the backbone starts from random init")
-        pretrained = None  # keep the recipe's architecture (frozen stem, BN eval) as it is
-    if not pretrained:
-        backbone.pop('init_cfg')
-        if pretrained is False:
-            backbone.update(frozen_stages=-1, norm_eval=False)
+    if pretrained:
+        if weights:
+            init['checkpoint'] = str(weights)
+        return
+    backbone.pop('init_cfg')
+    backbone.update(frozen_stages=-1, norm_eval=False)
 
 
 # ----------------------------------------------------------------------------- what may be built

@@ -11,6 +11,7 @@ from instseg.config import COCO_STAT_NAMES, check_buildable, synthetic_spec, to_
 from instseg.data.coco import check_classes
 from instseg.engine.checkpoint import CheckpointError
 from instseg.engine.hooks import NonFiniteError
+from instseg.engine.pretrained import backbone_weights
 from instseg.errors import ConfigError
 
 
@@ -75,11 +76,12 @@ def train(cfg: DictConfig) -> dict:
                           'pass resume=true to continue it, or another work_dir')
     check_device(cfg)
     check_buildable(cfg)  # nothing in the config may import or run code
+    weights = backbone_weights(cfg)  # pretrained=true: the ImageNet file, local and fitting the backbone
     prepare_data(cfg, ('train', 'val'))
     work_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():  # all ranks have one config and work_dir; rank 0 writes, as mmengine does
         save_config(cfg, work_dir)
-    runner = Runner.from_cfg(to_mmengine(cfg, mode='train'))
+    runner = Runner.from_cfg(to_mmengine(cfg, mode='train', backbone_weights=weights))
     dist.register_hooks(runner)
     try:
         runner.train()
@@ -100,6 +102,7 @@ def test(cfg: DictConfig, checkpoint: str, format_only: bool = False) -> dict:
         raise ConfigError(f'checkpoint: file not found: {checkpoint}')
     check_device(cfg)
     check_buildable(cfg)
+    # pretrained=true needs no ImageNet file here: testing loads every weight from the checkpoint
     prepare_data(cfg, () if format_only else ('test',))  # format_only: no ground truth to check
     work_dir = Path(cfg.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
