@@ -157,7 +157,7 @@ def to_mmengine(cfg: DictConfig, *, mode: str = 'train', checkpoint: str | None 
         test_dataloader=_dataloader(data, eval_split, schedule, train=False),
         val_evaluator=evaluator,
         test_evaluator=evaluator,
-        train_cfg=(dict(type='EpochBasedTrainLoop', max_epochs=schedule['max_epochs'],
+        train_cfg=(dict(type='ResumableEpochBasedTrainLoop', max_epochs=schedule['max_epochs'],
                         val_interval=schedule['val_interval']) if by_epoch else
                    dict(type='IterBasedTrainLoop', max_iters=schedule['max_iters'],
                         val_interval=schedule['val_interval'])),

@@ -45,7 +45,7 @@ def test_recipe_matches_mmdet_reference():
     mm = to_mmengine(cfg)
     assert cfg.data.num_classes == 80 and cfg.model.backbone.depth == 50
     assert mm.optim_wrapper.optimizer == dict(type='SGD', lr=0.02, momentum=0.9, weight_decay=0.0001)
-    assert mm.train_cfg == dict(type='EpochBasedTrainLoop', max_epochs=12, val_interval=1)
+    assert mm.train_cfg == dict(type='ResumableEpochBasedTrainLoop', max_epochs=12, val_interval=1)
     assert mm.param_scheduler == [
         dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=500),
         dict(type='MultiStepLR', by_epoch=True, begin=0, end=12, milestones=[8, 11], gamma=0.1)]

@@ -62,7 +62,7 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     random.setstate(state['python'])
     np.random.set_state(state['numpy'])
     torch.set_rng_state(state['torch'])
@@ -87,7 +87,7 @@ class _RestoreAfterReplay:
         if self._replayed > 0:
             self._replayed -= 1
         elif self._state is not None:
-            _set_rng_state(self._state)
+            set_rng_state(self._state)
             self._state = None
         return next(self._iterator)
 
@@ -117,15 +117,18 @@ class RNGStateHook(Hook):
         if hasattr(loop, 'dataloader_iterator'):  # iteration-based: mmengine replays the data first
             loop.dataloader_iterator = _RestoreAfterReplay(loop.dataloader_iterator,
                                                            checkpoint['meta']['iter'], state)
-        else:  # epoch-based: the next epoch starts afresh
-            _set_rng_state(state)
+        elif hasattr(loop, 'rng_state_after_skip') and \
+                checkpoint['meta']['iter'] > checkpoint['meta']['epoch'] * len(loop.dataloader):
+            loop.rng_state_after_skip = state  # mid-epoch: after the epoch's trained batches are skipped
+        else:  # epoch-based, at an epoch's end: the next epoch starts afresh
+            set_rng_state(state)
 
     def before_val(self, runner) -> None:
         self._before_val = _rng_state()
 
     def after_val(self, runner) -> None:
         if self._before_val is not None:
-            _set_rng_state(self._before_val)
+            set_rng_state(self._before_val)
             self._before_val = None
 
 
@@ -162,8 +165,7 @@ class SafeCheckpointHook(CheckpointHook):
     - weights that are not finite are never saved: the run stops, naming the tensor;
     - SIGINT (Ctrl-C) and SIGTERM save the iteration being trained once it ends, then exit with
       130 / 143 (``TrainingInterrupted``); a second signal stops at once. On an epoch-based schedule
-      they stop without saving: mmengine resumes those at the start of an epoch, from its last
-      epoch checkpoint.
+      the checkpoint is ``epoch_<E>_iter_<I>.pth``, resumed inside epoch E (ResumableEpochBasedTrainLoop).
 
     Remote storage (another file backend than local files) is written by mmengine as it is.
     """
@@ -181,13 +183,30 @@ class SafeCheckpointHook(CheckpointHook):
         if not isinstance(self.file_backend, LocalBackend):
             return super()._save_checkpoint_with_step(runner, step, meta)
         what = f'{"epoch" if self.by_epoch else "iteration"} {step}'
+        self._check_finite(runner, what)
+        outdated = self._keep_step(runner, step)
+        self._write(runner, self.file_backend.join_path(self.out_dir, self.filename_tmpl.format(step)), meta)
+        self._saved_step = step
+        if is_main_process() and outdated is not None:
+            old = self.file_backend.join_path(self.out_dir, self.filename_tmpl.format(outdated))
+            if osp.isfile(old):
+                os.remove(old)
+
+    def _write_checkpoint(self, runner, filename: str, epoch: int, iteration: int) -> None:
+        """A checkpoint outside the schedule's interval (a stop signal's), kept beside the others."""
+        self._check_finite(runner, f'iteration {iteration}')
+        self._write(runner, self.file_backend.join_path(self.out_dir, filename), dict(epoch=epoch, iter=iteration))
+
+    @staticmethod
+    def _check_finite(runner, what: str) -> None:
         for name, value in _bare_model(runner).state_dict().items():
             if value.is_floating_point() and not torch.isfinite(value).all():
                 kind = 'nan' if value.isnan().any() else 'inf'
                 raise NonFiniteError(f'the weights hold {kind} after {what} ({name}); no checkpoint is '
                                      f'saved with them; {_last_good(runner)}')
-        outdated = self._keep_step(runner, step)
-        path = self.file_backend.join_path(self.out_dir, self.filename_tmpl.format(step))
+
+    def _write(self, runner, path: str, meta: dict) -> None:
+        """Writes the checkpoint at ``path`` atomically and points ``last_checkpoint`` at it."""
         self.last_ckpt = path
         runner.message_hub.update_info('last_ckpt', path)
         previous = last_checkpoint(runner.work_dir)
@@ -214,11 +233,6 @@ class SafeCheckpointHook(CheckpointHook):
             error = error or (f'could not save checkpoint {path} (see the main process)' if failed else None)
         if error:
             raise CheckpointSaveError(error)
-        self._saved_step = step
-        if is_main_process() and outdated is not None:
-            old = self.file_backend.join_path(self.out_dir, self.filename_tmpl.format(outdated))
-            if osp.isfile(old):
-                os.remove(old)
 
     def _keep_step(self, runner, step):
         """mmengine's ``max_keep_ckpts`` book-keeping; returns the step whose checkpoint is now
@@ -281,15 +295,18 @@ class SafeCheckpointHook(CheckpointHook):
         self._restore_handlers()
         name = signal.Signals(self.stop_signal).name
         if self.by_epoch:
-            kept = last_checkpoint(runner.work_dir)
-            message = (f'stopped by {name} during epoch {runner.epoch + 1}; an epoch-based schedule resumes at '
-                       f'the start of an epoch: ' + (f'resume=true continues from {kept}' if kept else
-                                                     'no epoch was completed, nothing was saved'))
-        else:
-            if self._saved_step != finished:
-                self._save_checkpoint_with_step(runner, finished, meta=dict(epoch=runner.epoch, iter=finished))
-            message = (f'stopped by {name} after iteration {finished}: saved {self.last_ckpt}; continue with '
-                       f'resume=true work_dir={runner.work_dir}')
+            epoch_ended = finished == (runner.epoch + 1) * len(runner.train_dataloader)
+            if epoch_ended and self._saved_step == runner.epoch + 1:
+                pass  # that epoch's checkpoint is the state already
+            elif epoch_ended:  # mmengine counts the epoch as done once after_train_epoch ran
+                self._write_checkpoint(runner, f'epoch_{runner.epoch + 1}.pth', runner.epoch + 1, finished)
+            else:  # inside epoch E (runner.epoch + 1): resumed there by ResumableEpochBasedTrainLoop
+                self._write_checkpoint(runner, f'epoch_{runner.epoch + 1}_iter_{finished}.pth', runner.epoch,
+                                       finished)
+        elif self._saved_step != finished:
+            self._save_checkpoint_with_step(runner, finished, meta=dict(epoch=runner.epoch, iter=finished))
+        message = (f'stopped by {name} after iteration {finished}: saved {self.last_ckpt}; continue with '
+                   f'resume=true work_dir={runner.work_dir}')
         if is_main_process():
             print(message, file=sys.stderr, flush=True)
         raise TrainingInterrupted(128 + self.stop_signal)

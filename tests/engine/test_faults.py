@@ -186,6 +186,40 @@ def test_a_stop_signal_saves_the_current_iteration(name, workers, patch, tmp_pat
     assert f'Iter(train) [{iteration + 1}/{iteration + 1}]' in log and 'Iter(train) [1/' not in log
 
 
+# An epoch-based schedule: 4 images in batches of 2, 3 epochs of 2 iterations, a checkpoint each epoch.
+EPOCHS = [*TINY, 'schedule.by_epoch=true', 'schedule.max_iters=null', 'schedule.max_epochs=3',
+          'schedule.val_interval=3', 'runtime.checkpoint_interval=1', 'deterministic=true', 'seed=0']
+# SIGTERM arriving during iteration 3, the first of epoch 2.
+SIGTERM_IN_ITERATION_3 = '''
+    import os, signal
+    from instseg.engine.loops import ResumableEpochBasedTrainLoop
+    run_iter = ResumableEpochBasedTrainLoop.run_iter
+    def run_iter_signalled(self, idx, data_batch):
+        if self._iter == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        run_iter(self, idx, data_batch)
+    ResumableEpochBasedTrainLoop.run_iter = run_iter_signalled
+'''
+
+
+def test_a_stop_signal_inside_an_epoch_saves_and_resumes_there_bit_identically(tmp_path):
+    """On an epoch-based schedule too (the paper recipes'): the checkpoint of the iteration the signal
+    came in, and a resume that trains the rest of that epoch, not all of it again."""
+    reference, stopped = tmp_path / 'reference', tmp_path / 'stopped'
+    run_tool('train', *EPOCHS, f'work_dir={reference}')
+    proc = run_patched(SIGTERM_IN_ITERATION_3, 'train', *EPOCHS, f'work_dir={stopped}')
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    saved = stopped / 'epoch_2_iter_3.pth'
+    assert last_line(proc.stderr) == (f'stopped by SIGTERM after iteration 3: saved {saved}; '
+                                      f'continue with resume=true work_dir={stopped}')
+    assert pointed(stopped) == saved and load_checkpoint_file(str(saved))['meta']['iter'] == 3
+    resumed = run_tool('train', *EPOCHS, f'work_dir={stopped}', 'resume=true')
+    log = resumed.stdout + resumed.stderr
+    assert 'resumed epoch: 1, iter: 3' in log
+    assert sorted(train_losses(stopped)) == [4, 5, 6]  # iteration 3 is not trained again
+    assert_same_weights(reference / 'epoch_3.pth', stopped / 'epoch_3.pth')
+
+
 # ----------------------------------------------------------------------------- kill -9, determinism
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory) -> Path:
