@@ -160,8 +160,8 @@ def _children(pid: int) -> list:
     return [int(c) for t in tasks.iterdir() for c in (t / 'children').read_text().split()]
 
 
-def _rank_pid(launcher_pid: int, rank: int) -> int | None:
-    """The process of ``rank`` under ``launcher_pid`` (its environment says RANK=...)."""
+def _descendant_with(launcher_pid: int, variable: str) -> int | None:
+    """The process under ``launcher_pid`` whose environment holds ``variable`` (e.g. RANK=1)."""
     pending = [launcher_pid]
     while pending:
         pid = pending.pop()
@@ -170,7 +170,7 @@ def _rank_pid(launcher_pid: int, rank: int) -> int | None:
             pending += _children(pid)
         except (FileNotFoundError, ProcessLookupError):
             continue
-        if f'RANK={rank}'.encode() in environ:
+        if variable.encode() in environ:
             return pid
     return None
 
@@ -182,7 +182,7 @@ def test_a_killed_rank_ends_the_job_naming_it(tmp_path):
         while not (tmp_path / 'run' / 'run_info.json').is_file():  # training has begun
             assert proc.poll() is None and time.monotonic() < deadline, _output(proc)[-3000:]
             time.sleep(0.5)
-        victim = _rank_pid(proc.pid, 1)
+        victim = _descendant_with(proc.pid, 'RANK=1')
         assert victim is not None
         os.kill(victim, signal.SIGKILL)
         killed = time.monotonic()
@@ -233,17 +233,9 @@ def test_a_preempted_submitit_job_is_requeued_and_resumes(tmp_path):
 
 
 def _submitit_task(launcher_pid: int, rank: int) -> int:
-    pending = [launcher_pid]
-    while pending:
-        pid = pending.pop()
-        try:
-            environ = Path(f'/proc/{pid}/environ').read_bytes().split(b'\0')
-            pending += _children(pid)
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if f'SUBMITIT_LOCAL_GLOBALID={rank}'.encode() in environ:
-            return pid
-    raise AssertionError(f'no submitit task of rank {rank} under {launcher_pid}')
+    pid = _descendant_with(launcher_pid, f'SUBMITIT_LOCAL_GLOBALID={rank}')
+    assert pid is not None, f'no submitit task of rank {rank} under {launcher_pid}'
+    return pid
 
 
 FAKE_SRUN = r'''#!/usr/bin/env bash
