@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from instseg.config import CONFIG_DIR
+from instseg.config import CONFIG_DIR, mappings
 from instseg.errors import ConfigError
 
 # Hydra flags that only print or locate things, and make our checks moot.
@@ -121,15 +121,8 @@ def _check_hydra_code(cfg: DictConfig, shipped: DictConfig) -> None:
 
 
 def _code_values(tree: Any, path: str):
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            if key in _HYDRA_CODE_KEYS:
-                yield f'{path}.{key}', value
-            else:
-                yield from _code_values(value, f'{path}.{key}')
-    elif isinstance(tree, list):
-        for i, value in enumerate(tree):
-            yield from _code_values(value, f'{path}[{i}]')
+    for where, node in mappings(tree, path):
+        yield from ((f'{where}.{key}', value) for key, value in node.items() if key in _HYDRA_CODE_KEYS)
 
 
 def _kind(value: Any) -> str:

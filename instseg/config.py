@@ -325,7 +325,7 @@ def check_buildable(cfg) -> None:
     instantiate-anything key. Every ``type`` must be a ``buildable_types()`` name (or a class that
     instseg's code put there)."""
     tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    for path, node in _mappings({k: v for k, v in tree.items() if k != 'hydra'}):
+    for path, node in mappings({k: v for k, v in tree.items() if k != 'hydra'}):
         where = f'{path}.' if path else ''
         if 'custom_imports' in node:
             raise ConfigError(f'{where}custom_imports: not allowed: a config cannot import modules (instseg, '
@@ -346,7 +346,7 @@ def check_buildable(cfg) -> None:
                               + (f"; did you mean '{close[0]}'?" if close else ''))
 
 
-def _mappings(tree, path: str = ''):
+def mappings(tree, path: str = ''):
     """(key path, mapping) for every mapping in a tree of dicts and lists, ``tree`` included."""
     if isinstance(tree, dict):
         yield path, tree
@@ -356,7 +356,7 @@ def _mappings(tree, path: str = ''):
     else:
         return
     for child_path, child in children:
-        yield from _mappings(child, child_path)
+        yield from mappings(child, child_path)
 
 
 def _launcher(launcher: str) -> str:

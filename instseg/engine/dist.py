@@ -260,12 +260,12 @@ class BufferSyncHook(Hook):
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         from mmengine.dist import all_reduce_params
-        from mmengine.model import is_model_wrapper
+
+        from instseg.engine.hooks import bare_model
 
         if runner.world_size == 1:
             return
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        all_reduce_params([b for b in model.buffers() if b.is_floating_point()], op='mean')
+        all_reduce_params([b for b in bare_model(runner).buffers() if b.is_floating_point()], op='mean')
 
 
 def register_hooks(runner) -> None:

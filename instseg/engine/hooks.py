@@ -50,7 +50,7 @@ def _last_good(runner) -> str:
     return f'the last good checkpoint is {path}' if path else 'no checkpoint was saved before it'
 
 
-def _bare_model(runner) -> torch.nn.Module:
+def bare_model(runner) -> torch.nn.Module:
     return runner.model.module if is_model_wrapper(runner.model) else runner.model
 
 
@@ -70,12 +70,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-class _RestoreAfterReplay:
-    """Stands in for IterBasedTrainLoop's batch iterator on resume. mmengine reaches the checkpoint's
-    place in the data by fetching (replaying) the batches trained before it, which draws random
-    numbers the uninterrupted run drew before the checkpoint: the pipeline's flips (in this process
-    with num_workers=0) and a new epoch's DataLoader seed. So the states saved with the checkpoint are
-    restored after the replay, right before the first new batch."""
+class RestoreAfterReplay:
+    """Stands in for IterBasedTrainLoop's (and ResumableEpochBasedTrainLoop's) batch iterator on
+    resume. mmengine reaches the checkpoint's place in the data by fetching (replaying) the batches
+    trained before it, which draws random numbers the uninterrupted run drew before the checkpoint:
+    the pipeline's flips (in this process with num_workers=0) and a new epoch's DataLoader seed. So
+    the states saved with the checkpoint are restored after the replay, right before the first new
+    batch."""
 
     def __init__(self, iterator, replayed: int, state: dict) -> None:
         self._iterator, self._replayed, self._state = iterator, replayed, state
@@ -115,8 +116,8 @@ class RNGStateHook(Hook):
             return
         loop = getattr(runner, 'train_loop', None)
         if hasattr(loop, 'dataloader_iterator'):  # iteration-based: mmengine replays the data first
-            loop.dataloader_iterator = _RestoreAfterReplay(loop.dataloader_iterator,
-                                                           checkpoint['meta']['iter'], state)
+            loop.dataloader_iterator = RestoreAfterReplay(loop.dataloader_iterator,
+                                                          checkpoint['meta']['iter'], state)
         elif hasattr(loop, 'rng_state_after_skip') and \
                 checkpoint['meta']['iter'] > checkpoint['meta']['epoch'] * len(loop.dataloader):
             loop.rng_state_after_skip = state  # mid-epoch: after the epoch's trained batches are skipped
@@ -199,7 +200,7 @@ class SafeCheckpointHook(CheckpointHook):
 
     @staticmethod
     def _check_finite(runner, what: str) -> None:
-        for name, value in _bare_model(runner).state_dict().items():
+        for name, value in bare_model(runner).state_dict().items():
             if value.is_floating_point() and not torch.isfinite(value).all():
                 kind = 'nan' if value.isnan().any() else 'inf'
                 raise NonFiniteError(f'the weights hold {kind} after {what} ({name}); no checkpoint is '
@@ -354,7 +355,7 @@ class CheckpointMatchHook(Hook):
         self.partial_load_from = partial_load_from
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        model = _bare_model(runner)
+        model = bare_model(runner)
         diff = mismatched_keys(checkpoint, model)
         if not any(diff.values()):
             return

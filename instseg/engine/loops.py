@@ -22,16 +22,16 @@ class ResumableEpochBasedTrainLoop(EpochBasedTrainLoop):
         trained = self._iter - self._epoch * len(self.dataloader)  # > 0 only when resumed mid-epoch
         if trained <= 0:
             return super().run_epoch()
-        from instseg.engine.hooks import set_rng_state
+        from instseg.engine.hooks import RestoreAfterReplay
 
         self.runner.call_hook('before_train_epoch')
         self.runner.model.train()
-        for idx, data_batch in enumerate(self.dataloader):
-            if idx < trained:
-                if idx == trained - 1 and self.rng_state_after_skip is not None:
-                    set_rng_state(self.rng_state_after_skip)  # before the next batch is fetched
-                    self.rng_state_after_skip = None
-                continue
-            self.run_iter(idx, data_batch)
+        batches = iter(self.dataloader)
+        if self.rng_state_after_skip is not None:
+            batches = RestoreAfterReplay(batches, trained, self.rng_state_after_skip)
+            self.rng_state_after_skip = None
+        for idx, data_batch in enumerate(batches):
+            if idx >= trained:
+                self.run_iter(idx, data_batch)
         self.runner.call_hook('after_train_epoch')
         self._epoch += 1

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig
 
-from instseg.config import check_buildable, pretrained_backbone
+from instseg.config import pretrained_backbone
 from instseg.errors import ConfigError
 
 DOWNLOAD_TIMEOUT_S = 30  # per network operation: offline, name resolution fails at once anyway
@@ -27,11 +27,12 @@ _HASH_IN_NAME = re.compile(r'-([a-f0-9]{8,})\.')
 
 def backbone_weights(cfg: DictConfig) -> str | None:
     """The local file of the backbone's ImageNet init (``pretrained=true``), fetched into torch.hub's
-    cache when missing and checked to fit the configured backbone; ``None`` with pretrained=false."""
+    cache when missing and checked to fit the configured backbone; ``None`` with pretrained=false.
+    The backbone is built to compare shapes: callers check the config first (``check_buildable``,
+    as ``instseg.engine.runner.train`` does)."""
     backbone = pretrained_backbone(cfg)
     if backbone is None:
         return None
-    check_buildable({'model': {'backbone': backbone}})  # it is built below, to compare shapes
     path = local_file(backbone['init_cfg']['checkpoint'])
     check_fits(backbone, path)
     return str(path)
@@ -92,7 +93,8 @@ def check_fits(backbone: dict, path: Path) -> None:
     import torch
     from mmengine.registry import init_default_scope
 
-    from instseg.engine.checkpoint import CheckpointLoadError, UnsafeCheckpointError, load_checkpoint_file
+    from instseg.engine.checkpoint import (CheckpointLoadError, UnsafeCheckpointError, load_checkpoint_file,
+                                           mismatched_keys)
     from instseg.registry import MODELS
 
     try:
@@ -108,19 +110,21 @@ def check_fits(backbone: dict, path: Path) -> None:
     if prefix:
         prefix = prefix if prefix.endswith('.') else prefix + '.'
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if hasattr(v, 'shape')}  # anything else cannot load
 
     init_default_scope('instseg')
     with torch.device('meta'):  # shapes only: nothing is allocated or initialised
         module = MODELS.build({k: v for k, v in backbone.items() if k != 'init_cfg'})
-    for key, expected in module.state_dict().items():
-        if key.endswith('num_batches_tracked'):
+    diff = mismatched_keys(state, module)  # its 'unexpected' (fc.*) are fine
+    reshaped = {key: found for key, found, _ in diff['shape']}
+    missing = set(diff['missing'])
+    for key, expected in module.state_dict().items():  # the first misfit in the backbone's order
+        if key in reshaped:
+            what = f'{key} is {list(reshaped[key])} in the file and {list(expected.shape)} in the backbone'
+        elif key in missing and not key.endswith('num_batches_tracked'):
+            what = f'it has no {key} (the backbone\'s is {list(expected.shape)})'
+        else:
             continue
-        found = state.get(key)
-        if found is not None and tuple(getattr(found, 'shape', ())) == tuple(expected.shape):
-            continue
-        what = (f'{key} is {list(found.shape)} in the file and {list(expected.shape)} in the backbone'
-                if hasattr(found, 'shape') else f'it has no {key} (the backbone\'s is {list(expected.shape)})')
         raise ConfigError(f'pretrained=true: {path} does not fit model.backbone: {what}; {_hint(backbone)}')
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from instseg.config import COCO_STAT_NAMES, check_buildable, synthetic_spec, to_mmengine, uses_semantic_maps
-from instseg.data.coco import check_classes
 from instseg.engine.checkpoint import CheckpointError
 from instseg.engine.hooks import NonFiniteError
 from instseg.engine.pretrained import backbone_weights
@@ -30,10 +29,10 @@ def prepare_data(cfg: DictConfig, splits) -> None:
     for split in splits:
         ann = Path(data.root) / data[split].ann
         images = Path(data.root) / data[split].img
+        # also checks data.classes against the file (instseg.data.coco.check_classes)
         summary = validate_coco(ann, images, f'data.{split}', classes=list(data.classes), training=split == 'train')
         if summary.line():
             print(summary.line())
-        check_classes(list(data.classes), ann, f'data.classes (data.{split}.ann)')
         if not images.is_dir():
             raise ConfigError(f'data.{split}.img: image directory not found: {images}')
     release_annotation_files()  # mmdet parses its own copy
