@@ -23,6 +23,7 @@ from mmengine.model import is_model_wrapper
 from instseg.config import COCO_STAT_NAMES
 from instseg.engine.checkpoint import (CheckpointLoadError, CheckpointSaveError, mismatched_keys, publish,
                                        temporary_path, write_atomically)
+from instseg.engine.loops import batches_into_epoch
 from instseg.registry import HOOKS
 
 
@@ -119,7 +120,7 @@ class RNGStateHook(Hook):
             loop.dataloader_iterator = RestoreAfterReplay(loop.dataloader_iterator,
                                                           checkpoint['meta']['iter'], state)
         elif hasattr(loop, 'rng_state_after_skip') and \
-                checkpoint['meta']['iter'] > checkpoint['meta']['epoch'] * len(loop.dataloader):
+                batches_into_epoch(checkpoint['meta']['iter'], checkpoint['meta']['epoch'], loop.dataloader) > 0:
             loop.rng_state_after_skip = state  # mid-epoch: after the epoch's trained batches are skipped
         else:  # epoch-based, at an epoch's end: the next epoch starts afresh
             set_rng_state(state)
@@ -296,7 +297,8 @@ class SafeCheckpointHook(CheckpointHook):
         self._restore_handlers()
         name = signal.Signals(self.stop_signal).name
         if self.by_epoch:
-            epoch_ended = finished == (runner.epoch + 1) * len(runner.train_dataloader)
+            batches = runner.train_dataloader
+            epoch_ended = batches_into_epoch(finished, runner.epoch, batches) == len(batches)
             if epoch_ended and self._saved_step == runner.epoch + 1:
                 pass  # that epoch's checkpoint is the state already
             elif epoch_ended:  # mmengine counts the epoch as done once after_train_epoch ran

@@ -11,6 +11,12 @@ from mmengine.runner import EpochBasedTrainLoop
 from instseg.registry import LOOPS
 
 
+def batches_into_epoch(iteration: int, epoch: int, dataloader) -> int:
+    """How many batches of the epoch after ``epoch`` completed ones the run had trained at ``iteration``:
+    0 at the epoch's start, ``len(dataloader)`` at its end."""
+    return iteration - epoch * len(dataloader)
+
+
 @LOOPS.register_module()
 class ResumableEpochBasedTrainLoop(EpochBasedTrainLoop):
 
@@ -19,7 +25,7 @@ class ResumableEpochBasedTrainLoop(EpochBasedTrainLoop):
     rng_state_after_skip = None
 
     def run_epoch(self) -> None:
-        trained = self._iter - self._epoch * len(self.dataloader)  # > 0 only when resumed mid-epoch
+        trained = batches_into_epoch(self._iter, self._epoch, self.dataloader)  # > 0 only when resumed mid-epoch
         if trained <= 0:
             return super().run_epoch()
         from instseg.engine.hooks import RestoreAfterReplay
