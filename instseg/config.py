@@ -20,6 +20,8 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / 'configs'
 # COCO's 12 summary statistics, in pycocotools' order; the keys of metrics.json.
 COCO_STAT_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl',
                    'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl')
+# data.flip_directions, as mmcv's RandomFlip names them (diagonal: both at once, a 180 degree turn).
+FLIP_DIRECTIONS = ('horizontal', 'vertical', 'diagonal')
 # Keys of a model file that are instseg's, not mmdet's: dropped before the registry builds the model.
 # name: the config option; stage/per_stage: cascade stages written once (see model/cascade_mask_rcnn.yaml);
 # semantic: HTC's switch for its semantic branch.
@@ -213,7 +215,13 @@ def _dataloader(data, split, schedule, *, train: bool, semantic: bool = False) -
                           keep_ratio=True)
         if semantic:
             prefix['seg'] = split['seg']
-        pipeline = load + [resize, dict(type='RandomFlip', prob=data['flip_prob']), dict(type='PackDetInputs')]
+        directions = list(data.get('flip_directions', ['horizontal']))  # runs saved before the key: horizontal
+        if not directions or set(directions) - set(FLIP_DIRECTIONS):
+            raise ConfigError(f'data.flip_directions: {directions} must name one or more of: '
+                              f'{", ".join(FLIP_DIRECTIONS)}')
+        # flip_prob is shared out evenly over the directions (mmcv's RandomFlip)
+        flip = dict(type='RandomFlip', prob=data['flip_prob'], direction=directions)
+        pipeline = load + [resize, flip, dict(type='PackDetInputs')]
     else:  # annotations are loaded after resizing so masks are evaluated at the original size
         pipeline = [load[0], resize, load[1], dict(
             type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'))]

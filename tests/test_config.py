@@ -1,6 +1,7 @@
 """Composition (Hydra's compose API) and translation to mmengine's config."""
 import pytest
 from conftest import shared
+from omegaconf import OmegaConf
 
 from instseg.cli import compose, group_options
 from instseg.config import to_mmengine
@@ -245,3 +246,20 @@ def test_a_model_can_lengthen_its_cpu_schedule_and_the_command_line_still_wins()
     assert (smoke.max_iters, smoke.optimizer.lr) == (4, 0.01)  # only the cpu schedule is lengthened
     assert compose('train', ['model=knet', 'schedule.max_iters=50']).schedule.max_iters == 50
     assert compose('train', ['model=mask_rcnn']).schedule.max_iters == 1400
+
+
+def test_flip_directions_share_the_flip_probability():
+    flip = to_mmengine(compose('train')).train_dataloader.dataset.pipeline[3]
+    assert flip == dict(type='RandomFlip', prob=0.5, direction=['horizontal'])
+    cfg = compose('train', ['data.flip_directions=[horizontal,vertical,diagonal]', 'data.flip_prob=0.75'])
+    flip = to_mmengine(cfg).train_dataloader.dataset.pipeline[3]
+    assert flip == dict(type='RandomFlip', prob=0.75, direction=['horizontal', 'vertical', 'diagonal'])
+    from instseg.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"data.flip_directions: \['sideways'\] must name one or more of: "
+                                          r"horizontal, vertical, diagonal$"):
+        to_mmengine(compose('train', ['data.flip_directions=[sideways]']))
+    # a run saved before the key existed (its config.yaml) still builds, flipping horizontally
+    old = compose('train')
+    OmegaConf.set_struct(old, False)
+    del old.data['flip_directions']
+    assert to_mmengine(old).train_dataloader.dataset.pipeline[3]['direction'] == ['horizontal']

@@ -1,5 +1,6 @@
 """K-Net: the matcher, the kernel update, loss and predict modes, building from the configs (tiny, CPU)."""
 import numpy as np
+import pytest
 import torch
 from conftest import run_tool
 from mmdet.structures import DetDataSample
@@ -146,6 +147,48 @@ def test_predict_gives_masks_at_the_original_size_and_boxes_enclosing_them():
     assert len(tensors) == 3 and tensors[-1][0].shape == (1, 6, NUM_CLASSES)
 
 
+def _iter_head(**test_cfg) -> KernelIterHead:
+    init_default_scope('instseg')
+    return MODELS.build(dict(type='KernelIterHead', num_stages=1, test_cfg=test_cfg, mask_head=dict(
+        type='KernelUpdateHead', num_classes=NUM_CLASSES, in_channels=16, num_heads=2,
+        feedforward_channels=32, updator_channels=16)))
+
+
+def test_upsampled_logits_put_the_boundary_where_they_cross_zero():
+    # two logit cells, -1 and 8, resized to 8 pixels: the logits cross zero a ninth of the way from the
+    # first cell's centre to the second's; sigmoid-first, the map crosses 0.5 a pixel further right
+    logits = torch.tensor([-1.0, 8.0]).reshape(1, 1, 2)
+    meta = dict(img_shape=(1, 8), batch_input_shape=(1, 8), ori_shape=(1, 8))
+    from_logits = KernelIterHead._masks_at_image_size(logits, meta, True, upsample_logits=True)
+    from_probs = KernelIterHead._masks_at_image_size(logits, meta, True, upsample_logits=False)
+    expected = torch.nn.functional.interpolate(logits[None], size=(1, 8), mode='bilinear', align_corners=False)[0]
+    assert torch.allclose(from_logits, expected.sigmoid())
+    assert (from_logits > 0.5).flatten().tolist() == [False, False, True, True, True, True, True, True]
+    assert (from_probs > 0.5).flatten().tolist() == [False, False, False, True, True, True, True, True]
+
+
+@pytest.mark.parametrize('mask_score', [False, True])
+def test_mask_score_ranks_the_sure_mask_first(mask_score):
+    head = _iter_head(max_per_img=2, mask_thr=0.5, mask_score=mask_score)
+    head.init_weights()
+    # two kernels of one class score: kernel 0's mask is barely above the threshold, kernel 1's sure
+    mask_logits = torch.full((1, 2, 8, 8), -8.0)
+    mask_logits[0, 0, :4] = 0.5
+    mask_logits[0, 1, 4:] = 8.0
+    cls_logits = torch.full((1, 2, NUM_CLASSES), -8.0)
+    cls_logits[0, :, 2] = 2.0
+    head.forward = lambda *args: [(cls_logits, mask_logits)]
+    meta = dict(img_shape=(8, 8), batch_input_shape=(8, 8), ori_shape=(8, 8))
+    [result] = head.predict(None, None, None, [meta])
+    class_score = torch.sigmoid(torch.tensor(2.0))
+    if mask_score:  # the class score times the mean probability inside each mask
+        assert result.masks[0][4:].all() and not result.masks[0][:4].any()
+        assert torch.allclose(result.scores, class_score * torch.sigmoid(torch.tensor([8.0, 0.5])))
+    else:  # the class score alone: a tie, in kernel order
+        assert torch.allclose(result.scores, class_score.expand(2))
+    assert result.labels.tolist() == [2, 2]
+
+
 # ----------------------------------------------------------------------------- configs and tools
 def test_builds_through_the_registry_with_the_cpu_fit():
     cfg = compose('train', ['model=knet'])
@@ -154,8 +197,12 @@ def test_builds_through_the_registry_with_the_cpu_fit():
     assert len(model.roi_head.mask_head) == 3
     assert model.rpn_head.init_kernels.out_channels == cfg.model.rpn_head.num_proposals == 30  # tuning/cpu_knet
     assert cfg.model.neck.out_channels == 64 and cfg.model.neck.num_outs == 4
+    assert cfg.model.mask_stride == 2 and cfg.model.test_cfg.upsample_logits and cfg.model.test_cfg.mask_score
     reference = compose('train', ['model=knet', 'fit=reference'])
     assert reference.model.rpn_head.num_proposals == 100 and reference.model.neck.out_channels == 256
+    # the reference's test: class scores alone, sigmoid before resizing; targets at 1/4
+    assert reference.model.mask_stride == 4 and reference.model.test_cfg == dict(
+        max_per_img=100, mask_thr=0.5, mask_score=False, upsample_logits=False)
 
 
 def test_recipes_follow_the_reference_schedule():

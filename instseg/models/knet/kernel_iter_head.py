@@ -21,6 +21,13 @@ from instseg.models.knet.losses import match, resize_like
 from instseg.registry import MODELS, TASK_UTILS
 
 
+def mask_score(probs: Tensor, masks: Tensor) -> Tensor:
+    """The mean probability inside each binary mask: how sure the kernel is of its own mask (mmdet's
+    Mask2Former scores a query by its class score times this, as SOLOv2's maskness)."""
+    inside = masks.flatten(1).float()
+    return (probs.flatten(1) * inside).sum(1) / inside.sum(1).clamp(min=1.0)
+
+
 @MODELS.register_module()
 class KernelIterHead(BaseModule):
     """``num_stages`` KernelUpdateHeads (``mask_head``: one config for all, or a list of one per stage)."""
@@ -69,18 +76,28 @@ class KernelIterHead(BaseModule):
             # One kernel may yield several (class, mask) detections, as the reference's top-k.
             top_scores, top_inds = img_scores.flatten().topk(k)
             kernel_inds, labels = top_inds // num_classes, top_inds % num_classes
-            probs = self._masks_at_image_size(img_masks[kernel_inds], meta, rescale)
+            probs = self._masks_at_image_size(img_masks[kernel_inds], meta, rescale,
+                                              self.test_cfg.get('upsample_logits', False))
             masks = probs > self.test_cfg.get('mask_thr', 0.5)
-            results.append(InstanceData(bboxes=mask2bbox(masks), scores=top_scores, labels=labels, masks=masks))
+            result = InstanceData(scores=top_scores, labels=labels, masks=masks)
+            if self.test_cfg.get('mask_score', False):
+                result.scores = top_scores * mask_score(probs, masks)
+                result = result[result.scores.argsort(descending=True)]  # best first again
+            result.bboxes = mask2bbox(result.masks)
+            results.append(result)
         return results
 
     @staticmethod
-    def _masks_at_image_size(mask_logits: Tensor, meta: dict, rescale: bool) -> Tensor:
+    def _masks_at_image_size(mask_logits: Tensor, meta: dict, rescale: bool, upsample_logits: bool) -> Tensor:
         """Probabilities at the padded input size, cropped to the image, then at the original size
-        when ``rescale`` (the reference's ``rescale_masks``, sigmoid first as there)."""
+        when ``rescale``. The reference's ``rescale_masks`` takes the sigmoid first; ``upsample_logits``
+        resizes the logits and takes it last, as the training losses see them when the targets are
+        finer than the logits (mask_stride below the features' stride): a boundary between two logit
+        cells then lands where the logits cross zero, not half-way between them."""
         h, w = meta['img_shape'][:2]
-        probs = F.interpolate(mask_logits[None].sigmoid(), size=tuple(meta['batch_input_shape']),
-                              mode='bilinear', align_corners=False)[..., :h, :w]
+        maps = mask_logits[None] if upsample_logits else mask_logits[None].sigmoid()
+        maps = F.interpolate(maps, size=tuple(meta['batch_input_shape']), mode='bilinear',
+                             align_corners=False)[..., :h, :w]
         if rescale:
-            probs = F.interpolate(probs, size=tuple(meta['ori_shape'][:2]), mode='bilinear', align_corners=False)
-        return probs[0]
+            maps = F.interpolate(maps, size=tuple(meta['ori_shape'][:2]), mode='bilinear', align_corners=False)
+        return maps[0].sigmoid() if upsample_logits else maps[0]
