@@ -69,12 +69,11 @@ class ConvKernelHead(BaseModule):
 
     def loss(self, feats: List[Tensor], gts: List[InstanceData]) -> Tuple[Tuple[Tensor, Tensor, Tensor],
                                                                            Dict[str, Tensor]]:
-        """Forward and the stage's losses against GT masks at their (stride-4) size; returns the
+        """Forward and the stage's losses against GT masks at their size (1/mask_stride); returns the
         (kernels, features, mask logits) the update stages start from and the losses."""
         kernels, features, mask_logits, seg_logits = self(feats)
-        size = gts[0].masks.shape[-2:]
-        scaled_masks, scaled_seg = resize_like(mask_logits, size), resize_like(seg_logits, size)
-        matches = match(self.assigner, scaled_masks, None, gts, self.num_classes)
-        losses = mask_losses(self.loss_mask, self.loss_dice, scaled_masks, matches, gts)
-        losses['loss_seg'] = semantic_loss(self.loss_seg, scaled_seg, matches, gts)
+        matches = match(self.assigner, mask_logits, None, gts, self.num_classes)
+        losses = mask_losses(self.loss_mask, self.loss_dice, mask_logits, matches, gts)
+        losses['loss_seg'] = semantic_loss(self.loss_seg, resize_like(seg_logits, gts[0].masks.shape[-2:]),
+                                           matches, gts)
         return (kernels, features, mask_logits), {k.replace('loss_', 'loss_rpn_'): v for k, v in losses.items()}

@@ -7,7 +7,9 @@ weight, each matched (mmdet's HungarianAssigner here) on the *previous* stage's 
 upsampled to the GT masks' stride 4 for matching, loss and inference (mask_upsample_stride 2 from
 the fused stride 8). Inference (``simple_test`` L233-283, ``rescale_masks``/``get_seg_masks``):
 the top max_per_img (class, kernel) pairs by sigmoid score, masks resized to the padded input,
-cropped to the image, resized to the original size and thresholded at mask_thr.
+cropped to the image, resized to the original size and thresholded at mask_thr. Two test_cfg options
+the reference lacks: ``upsample_logits`` (resize before the sigmoid) and ``mask_score`` (class score x
+mean mask probability).
 """
 from typing import Dict, List, Optional, Tuple
 
@@ -17,7 +19,7 @@ from mmengine.model import BaseModule, ModuleList
 from mmengine.structures import InstanceData
 from torch import Tensor
 
-from instseg.models.knet.losses import match, resize_like
+from instseg.models.knet.losses import match
 from instseg.registry import MODELS, TASK_UTILS
 
 
@@ -52,17 +54,15 @@ class KernelIterHead(BaseModule):
 
     def loss(self, features: Tensor, kernels: Tensor, mask_logits: Tensor,
              gts: List[InstanceData]) -> Dict[str, Tensor]:
-        size = gts[0].masks.shape[-2:]
-        prev_cls, prev_masks = None, resize_like(mask_logits, size).detach()
+        prev_cls, prev_masks = None, mask_logits
         losses = {}
         for stage, (head, weight) in enumerate(zip(self.mask_head, self.stage_loss_weights)):
             cls_logits, mask_logits, kernels = head(features, kernels, mask_logits)
-            scaled_masks = resize_like(mask_logits, size)
             # Matched on the previous stage's predictions, which the stage is refining.
             matches = match(self.assigner, prev_masks, prev_cls, gts, head.num_classes)
-            for name, value in head.loss(cls_logits, scaled_masks, matches, gts).items():
+            for name, value in head.loss(cls_logits, mask_logits, matches, gts).items():
                 losses[f's{stage}_{name}'] = value * weight
-            prev_cls, prev_masks = cls_logits.detach(), scaled_masks.detach()
+            prev_cls, prev_masks = cls_logits.detach(), mask_logits.detach()
         return losses
 
     def predict(self, features: Tensor, kernels: Tensor, mask_logits: Tensor, batch_img_metas: List[dict],
@@ -93,7 +93,7 @@ class KernelIterHead(BaseModule):
         when ``rescale``. The reference's ``rescale_masks`` takes the sigmoid first; ``upsample_logits``
         resizes the logits and takes it last, as the training losses see them when the targets are
         finer than the logits (mask_stride below the features' stride): a boundary between two logit
-        cells then lands where the logits cross zero, not half-way between them."""
+        cells then lands where the resized logits cross zero, where those losses put it."""
         h, w = meta['img_shape'][:2]
         maps = mask_logits[None] if upsample_logits else mask_logits[None].sigmoid()
         maps = F.interpolate(maps, size=tuple(meta['batch_input_shape']), mode='bilinear',

@@ -43,15 +43,17 @@ class KNetMaskCost(BaseMatchCost):
 
 def match(assigner, mask_logits: Tensor, cls_logits: Optional[Tensor], gts: List[InstanceData],
           num_classes: int) -> List[Match]:
-    """One-to-one matching of each image's N predictions to its GTs (mask logits at the GT size).
+    """One-to-one matching of each image's N predictions to its GTs (mask logits at any size: resized
+    to the GT masks', without gradient).
 
     Without class scores (the RPN-like stage and the first update stage are matched on the RPN's
     masks) the class cost sees zero logits: it is then one constant over the whole cost matrix, so
     the matching is the mask costs' alone, as the reference's assigner, which skips it (L219-222)."""
     if cls_logits is None:
         cls_logits = mask_logits.new_zeros(*mask_logits.shape[:2], num_classes)
+    mask_logits = resize_like(mask_logits.detach(), gts[0].masks.shape[-2:])
     matches = []
-    for masks, scores, gt in zip(mask_logits.detach(), cls_logits.detach(), gts):
+    for masks, scores, gt in zip(mask_logits, cls_logits.detach(), gts):
         result = assigner.assign(InstanceData(masks=masks, scores=scores), gt)
         pred_inds = torch.nonzero(result.gt_inds > 0).flatten()
         matches.append((pred_inds, result.gt_inds[pred_inds] - 1))
@@ -60,12 +62,15 @@ def match(assigner, mask_logits: Tensor, cls_logits: Optional[Tensor], gts: List
 
 def mask_losses(loss_mask, loss_dice, mask_logits: Tensor, matches: List[Match],
                 gts: List[InstanceData]) -> Dict[str, Tensor]:
-    """BCE and dice on the matched predictions only (kernel_update_head.py L311-345)."""
+    """BCE and dice on the matched predictions only (kernel_update_head.py L311-345), their logits
+    resized to the GT masks' size here: only the matched few of the N kernels pay for the resizing
+    and its backward."""
     pred = torch.cat([logits[p] for logits, (p, _) in zip(mask_logits, matches)])
     target = torch.cat([gt.masks[g] for gt, (_, g) in zip(gts, matches)])
     if len(pred) == 0:  # no GT in the batch: zero losses that still reach every parameter
         zero = mask_logits.sum() * 0
         return dict(loss_mask=zero, loss_dice=zero)
+    pred = resize_like(pred[None], target.shape[-2:])[0]
     return dict(loss_mask=loss_mask(pred, target), loss_dice=loss_dice(pred, target))
 
 
