@@ -112,8 +112,8 @@ def test_loss_is_finite_and_reaches_the_kernels_with_an_image_without_gt():
     model.train()
     samples = [_sample([[4, 4, 30, 20], [30, 30, 60, 62]], [0, 4]), _sample([], [])]
     losses = model(**_batch(samples, True, model), mode='loss')
-    expected = {'loss_rpn_mask', 'loss_rpn_dice', 'loss_rpn_seg'} | {
-        f's{s}_loss_{k}' for s in range(3) for k in ('cls', 'mask', 'dice')}
+    expected = {'loss_rpn_mask', 'loss_rpn_dice', 'loss_rpn_seg'} | {  # the CPU fit's denoising group too
+        f's{s}_{group}loss_{k}' for s in range(3) for group in ('', 'dn_') for k in ('cls', 'mask', 'dice')}
     assert set(losses) == expected
     assert all(torch.isfinite(v) for v in losses.values()), losses
     sum(losses.values()).backward()
@@ -125,6 +125,41 @@ def test_loss_is_finite_and_reaches_the_kernels_with_an_image_without_gt():
     assert all(torch.isfinite(v) for v in losses.values())
     assert losses['s2_loss_dice'].item() == 0.0
 
+
+
+def test_denoising_group_learns_each_gt_from_its_own_mask_and_leaves_the_rest_alone():
+    model = build_model(compose('train', ['model=knet', *TINY, 'model.roi_head.denoising_weight=0.5']))
+    model.init_weights()
+    model.train()
+    samples = [_sample([[4, 4, 30, 20], [30, 30, 60, 62], [40, 2, 60, 20]], [0, 4, 2]), _sample([], [])]
+    batch = _batch(samples, True, model)
+    torch.manual_seed(0)
+    losses = model(**batch, mode='loss')
+    denoising = {k for k in losses if '_dn_' in k}
+    assert denoising == {f's{s}_dn_loss_{k}' for s in range(3) for k in ('cls', 'mask', 'dice')}
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    assert losses['s0_dn_loss_dice'] > 0
+    # the group only adds losses: the matched predictions' losses are those without it
+    model.roi_head.denoising_weight = 0.0
+    torch.manual_seed(0)
+    plain = model(**batch, mode='loss')
+    assert set(plain) == set(losses) - denoising
+    for key, value in plain.items():
+        torch.testing.assert_close(losses[key], value)
+    # its first stage groups features under the GT masks: they, not the RPN's masks, set its loss
+    head = model.roi_head
+    kernels = torch.randn(1, 4, 32)
+    features = torch.randn(1, 32, 8, 8)
+    gt = InstanceData(labels=torch.tensor([1, 3]), masks=torch.zeros(2, 8, 8))
+    gt.masks[0, :4, :4] = 1
+    gt.masks[1, 4:, 4:] = 1
+    head.denoising_weight = 1.0
+    matches = [(torch.tensor([2, 0]), torch.tensor([0, 1]))]
+    first = head._denoising_losses(features, kernels, matches, [gt])
+    swapped = gt.clone()
+    swapped.masks = gt.masks.flip(0)
+    second = head._denoising_losses(features, kernels, matches, [swapped])
+    assert not torch.allclose(first['s0_dn_loss_cls'], second['s0_dn_loss_cls'])
 
 def test_predict_gives_masks_at_the_original_size_and_boxes_enclosing_them():
     model = _tiny_model()
@@ -198,8 +233,10 @@ def test_builds_through_the_registry_with_the_cpu_fit():
     assert model.rpn_head.init_kernels.out_channels == cfg.model.rpn_head.num_proposals == 30  # tuning/cpu_knet
     assert cfg.model.neck.out_channels == 64 and cfg.model.neck.num_outs == 4
     assert cfg.model.mask_stride == 2 and cfg.model.test_cfg.upsample_logits and cfg.model.test_cfg.mask_score
+    assert model.roi_head.denoising_weight == cfg.model.roi_head.denoising_weight == 1.0
     reference = compose('train', ['model=knet', 'fit=reference'])
     assert reference.model.rpn_head.num_proposals == 100 and reference.model.neck.out_channels == 256
+    assert reference.model.roi_head.denoising_weight == 0.0  # the reference has no denoising group
     # the reference's test: class scores alone, sigmoid before resizing; targets at 1/4
     assert reference.model.mask_stride == 4 and reference.model.test_cfg == dict(
         max_per_img=100, mask_thr=0.5, mask_score=False, upsample_logits=False)

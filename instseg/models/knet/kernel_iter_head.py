@@ -13,13 +13,14 @@ mean mask probability).
 """
 from typing import Dict, List, Optional, Tuple
 
+import torch
 import torch.nn.functional as F
 from mmdet.structures.mask import mask2bbox
 from mmengine.model import BaseModule, ModuleList
 from mmengine.structures import InstanceData
 from torch import Tensor
 
-from instseg.models.knet.losses import match
+from instseg.models.knet.losses import Match, match
 from instseg.registry import MODELS, TASK_UTILS
 
 
@@ -32,15 +33,22 @@ def mask_score(probs: Tensor, masks: Tensor) -> Tensor:
 
 @MODELS.register_module()
 class KernelIterHead(BaseModule):
-    """``num_stages`` KernelUpdateHeads (``mask_head``: one config for all, or a list of one per stage)."""
+    """``num_stages`` KernelUpdateHeads (``mask_head``: one config for all, or a list of one per stage).
+
+    ``denoising_weight`` > 0 (the reference has none: 0) adds, in training only, one more group of
+    kernels per image, one per GT: the kernel matched to it, grouping features under the GT mask itself
+    in the first stage, then under its own masks, its targets fixed (no matching), its losses weighted
+    so. As DN-DETR's denoising queries, it gives the class a clean target from the first iteration, on
+    features grouped exactly under each object, while the matching is still unstable."""
 
     def __init__(self, mask_head, num_stages: int = 3, stage_loss_weights: Optional[List[float]] = None,
-                 train_cfg=None, test_cfg=None, init_cfg=None) -> None:
+                 denoising_weight: float = 0.0, train_cfg=None, test_cfg=None, init_cfg=None) -> None:
         super().__init__(init_cfg=init_cfg)
         heads = mask_head if isinstance(mask_head, (list, tuple)) else [mask_head] * num_stages
         assert len(heads) == num_stages, (len(heads), num_stages)
         self.mask_head = ModuleList(MODELS.build(cfg) for cfg in heads)
         self.stage_loss_weights = list(stage_loss_weights or [1.0] * num_stages)
+        self.denoising_weight = denoising_weight
         self.assigner = TASK_UTILS.build(train_cfg['assigner']) if train_cfg else None
         self.test_cfg = test_cfg or {}
 
@@ -54,15 +62,41 @@ class KernelIterHead(BaseModule):
 
     def loss(self, features: Tensor, kernels: Tensor, mask_logits: Tensor,
              gts: List[InstanceData]) -> Dict[str, Tensor]:
-        prev_cls, prev_masks = None, mask_logits
+        initial_kernels, prev_cls, prev_masks = kernels, None, mask_logits
         losses = {}
         for stage, (head, weight) in enumerate(zip(self.mask_head, self.stage_loss_weights)):
             cls_logits, mask_logits, kernels = head(features, kernels, mask_logits)
             # Matched on the previous stage's predictions, which the stage is refining.
             matches = match(self.assigner, prev_masks, prev_cls, gts, head.num_classes)
+            if stage == 0:
+                first_matches = matches
             for name, value in head.loss(cls_logits, mask_logits, matches, gts).items():
                 losses[f's{stage}_{name}'] = value * weight
             prev_cls, prev_masks = cls_logits.detach(), mask_logits.detach()
+        if self.denoising_weight > 0:
+            losses.update(self._denoising_losses(features, initial_kernels, first_matches, gts))
+        return losses
+
+    def _denoising_losses(self, features: Tensor, kernels: Tensor, matches: List[Match],
+                          gts: List[InstanceData]) -> Dict[str, Tensor]:
+        """The GT group's losses (see the class): kernels (B, N, C) before the first stage, matched to
+        the GTs by the first stage's matching."""
+        batch, _, channels = kernels.shape
+        group = max(1, max(len(p) for p, _ in matches))
+        group_kernels = kernels.new_zeros(batch, group, channels)
+        mask_logits = features.new_full((batch, group, *gts[0].masks.shape[-2:]), -10.0)
+        padding = torch.ones(batch, group, dtype=torch.bool, device=kernels.device)
+        for i, ((p, g), gt) in enumerate(zip(matches, gts)):
+            group_kernels[i, :len(p)] = kernels[i, p]
+            mask_logits[i, :len(p)] = 20.0 * gt.masks[g] - 10.0  # logits: sigmoid > 0.5 inside
+            padding[i, :max(len(p), 1)] = False  # attention needs one key per image
+        # Kernel j of an image is its j-th matched GT's.
+        group_matches = [(torch.arange(len(g), device=kernels.device), g) for _, g in matches]
+        losses = {}
+        for stage, (head, weight) in enumerate(zip(self.mask_head, self.stage_loss_weights)):
+            cls_logits, mask_logits, group_kernels = head(features, group_kernels, mask_logits, padding)
+            for name, value in head.loss(cls_logits, mask_logits, group_matches, gts).items():
+                losses[f's{stage}_dn_{name}'] = value * weight * self.denoising_weight
         return losses
 
     def predict(self, features: Tensor, kernels: Tensor, mask_logits: Tensor, batch_img_metas: List[dict],

@@ -11,7 +11,7 @@ ReLU, dropout 0) + LN, one fc + LN + ReLU before each of the class and mask-kern
 Init (init_weights L153-170): xavier-uniform for every weight matrix, class bias at prior 0.01.
 Only 1x1 kernels are implemented (the reference's K x K path is unused by its instance configs).
 """
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from mmengine.model import BaseModule, bias_init_with_prob
@@ -99,7 +99,9 @@ class KernelUpdateHead(BaseModule):
                 nn.init.xavier_uniform_(p)
         nn.init.constant_(self.fc_cls.bias, bias_init_with_prob(0.01))
 
-    def forward(self, features: Tensor, kernels: Tensor, mask_logits: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def forward(self, features: Tensor, kernels: Tensor, mask_logits: Tensor,
+                padding: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """``padding`` (B, N), True for kernels that fill a batch up: no other kernel attends to them."""
         features = self.feat_transform(features)
         if mask_logits.shape[-2:] != features.shape[-2:]:
             mask_logits = nn.functional.interpolate(mask_logits, features.shape[-2:], mode='bilinear',
@@ -109,7 +111,8 @@ class KernelUpdateHead(BaseModule):
         group_feats = torch.einsum('bnhw,bchw->bnc', hard_masks, features)
         kernels = self.kernel_updator(group_feats, kernels)
         # Interact: kernels attend to each other, e.g. to suppress duplicates of one instance.
-        kernels = self.attention_norm(kernels + self.attention(kernels, kernels, kernels, need_weights=False)[0])
+        attended = self.attention(kernels, kernels, kernels, key_padding_mask=padding, need_weights=False)[0]
+        kernels = self.attention_norm(kernels + attended)
         kernels = self.ffn_norm(kernels + self.ffn(kernels))
         cls_logits = self.fc_cls(self.cls_fcs(kernels))
         mask_kernels = self.fc_mask(self.mask_fcs(kernels))
