@@ -112,8 +112,8 @@ def test_loss_is_finite_and_reaches_the_kernels_with_an_image_without_gt():
     model.train()
     samples = [_sample([[4, 4, 30, 20], [30, 30, 60, 62]], [0, 4]), _sample([], [])]
     losses = model(**_batch(samples, True, model), mode='loss')
-    expected = {'loss_rpn_mask', 'loss_rpn_dice', 'loss_rpn_seg'} | {  # the CPU fit's denoising group too
-        f's{s}_{group}loss_{k}' for s in range(3) for group in ('', 'dn_') for k in ('cls', 'mask', 'dice')}
+    expected = {'loss_rpn_mask', 'loss_rpn_dice', 'loss_rpn_seg'} | {
+        f's{s}_loss_{k}' for s in range(3) for k in ('cls', 'mask', 'dice')}
     assert set(losses) == expected
     assert all(torch.isfinite(v) for v in losses.values()), losses
     sum(losses.values()).backward()
@@ -233,10 +233,10 @@ def test_builds_through_the_registry_with_the_cpu_fit():
     assert model.rpn_head.init_kernels.out_channels == cfg.model.rpn_head.num_proposals == 30  # tuning/cpu_knet
     assert cfg.model.neck.out_channels == 64 and cfg.model.neck.num_outs == 4
     assert cfg.model.mask_stride == 2 and cfg.model.test_cfg.upsample_logits and cfg.model.test_cfg.mask_score
-    assert model.roi_head.denoising_weight == cfg.model.roi_head.denoising_weight == 1.0
+    assert model.roi_head.denoising_weight == cfg.model.roi_head.denoising_weight == 0.0  # an option
     reference = compose('train', ['model=knet', 'fit=reference'])
     assert reference.model.rpn_head.num_proposals == 100 and reference.model.neck.out_channels == 256
-    assert reference.model.roi_head.denoising_weight == 0.0  # the reference has no denoising group
+    assert reference.model.roi_head.denoising_weight == 0.0
     # the reference's test: class scores alone, sigmoid before resizing; targets at 1/4
     assert reference.model.mask_stride == 4 and reference.model.test_cfg == dict(
         max_per_img=100, mask_thr=0.5, mask_score=False, upsample_logits=False)
