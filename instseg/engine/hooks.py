@@ -272,7 +272,8 @@ class SafeCheckpointHook(CheckpointHook):
     def _request_stop(self, signum, frame) -> None:
         self.stop_signal = signum
         previous = self._previous_handlers.get(signum)
-        signal.signal(signum, previous if previous is not None else signal.SIG_DFL)  # the next: at once
+        # The next one stops at once, even where the process was started ignoring it (a background job).
+        signal.signal(signum, previous if previous not in (None, signal.SIG_IGN) else signal.SIG_DFL)
         os.write(2, f'\n{signal.Signals(signum).name}: saving a checkpoint when this iteration ends, then '
                     'stopping (send it again to stop at once)\n'.encode())
 

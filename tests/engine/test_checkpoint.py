@@ -171,12 +171,25 @@ def test_load_from_may_fine_tune_to_other_classes_but_not_resume():
 
 def test_a_stop_signal_is_remembered_and_a_second_one_acts_at_once():
     hook = SafeCheckpointHook(interval=1)
-    hook._previous_handlers = {signal.SIGINT: signal.getsignal(signal.SIGINT)}
+    # Python's own handler before it, whatever this process inherited (a background job ignores SIGINT)
+    hook._previous_handlers = {signal.SIGINT: signal.default_int_handler}
     signal.signal(signal.SIGINT, hook._request_stop)
     try:
         os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: training saves first
         assert hook.stop_signal == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_a_second_stop_signal_acts_even_where_the_first_was_ignored_before():
+    hook = SafeCheckpointHook(interval=1)
+    hook._previous_handlers = {signal.SIGINT: signal.SIG_IGN}  # as a background job inherits it
+    signal.signal(signal.SIGINT, hook._request_stop)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert hook.stop_signal == signal.SIGINT
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL  # the next one ends the process
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
