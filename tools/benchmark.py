@@ -5,8 +5,8 @@ python tools/benchmark.py [--models a,b,...] [--iters N] [overrides...]
 Each model is built from the config as `tools/train.py model=NAME [overrides]` builds it (its CPU fit
 and schedule by default) and trains `--iters` timed iterations on the training data after two untimed
 ones. Prints per model the seconds per iteration, its ratio to the first model's, and the minutes its
-schedule's iterations take at that speed (training only, no evaluation). Times differ between machines;
-the ratios, measured in one run, much less.
+schedule's iterations take at that speed (training only, no evaluation). Times and the ratios between
+models both differ between machines (convolution-heavy models most): measure on the machine in question.
 """
 import argparse
 import sys
@@ -37,7 +37,7 @@ def time_model(name: str, overrides: list, iters: int, work_dir: str) -> tuple:
     def step():
         try:
             batch = next(batches)
-        except StopIteration:  # a data set smaller than the run: go round again
+        except StopIteration:  # a data set smaller than the run: time the iterations it had
             return False
         runner.model.train_step(batch, optim_wrapper)
         return True
