@@ -22,10 +22,12 @@ def time_model(name: str, overrides: list, iters: int, work_dir: str) -> tuple:
     """(seconds per training iteration, the schedule's iterations) of ``model=name``."""
     from mmengine.runner import Runner
 
-    from instseg.config import to_mmengine
-    from instseg.engine.runner import prepare_data
+    from instseg.config import check_buildable, to_mmengine
+    from instseg.engine.runner import check_device, prepare_data
 
     cfg = compose('train', [f'model={name}', *overrides, f'work_dir={work_dir}/{name}'])
+    check_device(cfg)  # as tools/train.py: amp=true without a GPU fails here, in one line
+    check_buildable(cfg)
     prepare_data(cfg, ('train',))
     mm = to_mmengine(cfg)
     mm.log_level = 'WARNING'

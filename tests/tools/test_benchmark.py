@@ -20,3 +20,7 @@ def test_bad_arguments_fail_in_one_line():
     assert len(proc.stderr.strip().splitlines()) == 1
     proc = run_tool('benchmark', '--iters', '0', check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == 'error: --iters: expected at least 1, got 0'
+    # as tools/train.py, a run this machine cannot do fails before any model is built
+    proc = run_tool('benchmark', '--models', 'knet', 'amp=true', check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == ('error: amp=true needs a CUDA GPU and none is '
+                                                            'available; drop amp=true to train on CPU')
