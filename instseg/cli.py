@@ -177,6 +177,8 @@ def main(config_name: str, task: Callable[[DictConfig], Any]) -> None:
     from instseg.engine import dist
 
     args = sys.argv[1:]
+    if config_name == 'test':
+        args = sys.argv[1:] = _with_saved_model(args)
     submitit, composed = False, None
     if not any(a in _PASS_THROUGH_FLAGS or a.startswith('--cfg') or a == '-c' for a in args):
         try:
@@ -208,6 +210,21 @@ def main(config_name: str, task: Callable[[DictConfig], Any]) -> None:
     if submitit and composed.get('work_dir'):
         print(f"runs: {composed.work_dir}/<job number>/; the jobs' output: "
               f'{composed.work_dir}/.submitit/<job id>/<job id>_<rank>_log.out')
+
+
+def _with_saved_model(args: list) -> list:
+    """tools/test.py on a saved run: the command line composed with that run's model (``model=NAME``
+    put first), so that keys only its model has (K-Net's ``model.test_cfg.mask_thr``, say) check and
+    compose; ``instseg.engine.runner.run_test`` then applies them to the saved config itself."""
+    given = dict(a.split('=', 1) for a in args if '=' in a and not a.startswith('-'))
+    if 'model' in given or 'checkpoint' not in given:
+        return args
+    saved = Path(given['checkpoint']).parent / 'config.yaml'
+    try:
+        name = OmegaConf.load(saved).model.name if saved.is_file() else None
+    except Exception:  # noqa: BLE001 - not a config: run_test reports it
+        return args
+    return [f'model={name}', *args] if name in group_options('model') else args
 
 
 def _check_command_line(config_name: str, args: list) -> DictConfig:

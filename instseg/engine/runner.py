@@ -153,6 +153,8 @@ def run_test(cfg: DictConfig) -> dict:
         key = override.key_or_group
         if key in ('checkpoint', 'format_only', 'work_dir') or key.startswith('hydra'):
             continue
+        if key == 'model' and override.value() == OmegaConf.select(run_cfg, 'model.name'):
+            continue  # the run's own model (instseg.cli composes the command line with it)
         if '.' not in key and not isinstance(OmegaConf.select(run_cfg, key), (str, int, float, bool)):
             raise ConfigError(f'{override.input_line}: a saved run keeps its {key}; override its keys instead '
                               f'(e.g. {key}.<key>=...)')

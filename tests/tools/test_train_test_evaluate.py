@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from conftest import SMALL_SYNTHETIC, run_tool, shared
 
 from instseg.cli import group_options
@@ -23,7 +24,6 @@ def _metrics(path: Path) -> dict:
 
 
 def _data_root(work_dir: Path) -> Path:
-    from omegaconf import OmegaConf
     return Path(OmegaConf.load(work_dir / 'config.yaml').data.root)
 
 
@@ -183,3 +183,13 @@ def test_every_detector_trains_then_tests_to_the_same_metrics(every_detector, na
     run_tool('test', f'checkpoint={job / "iter_2.pth"}', f'work_dir={out}')
     tested = _metrics(out / 'metrics.json')
     assert tested['segm'] == trained['segm'] and tested['bbox'] == trained['bbox']
+
+
+def test_test_overrides_keys_only_the_saved_runs_model_has(every_detector, tmp_path):
+    """K-Net's test_cfg has keys the default model's (Mask R-CNN's) has not."""
+    job = every_detector / str(DETECTORS.index('knet'))
+    out = tmp_path / 'test'
+    run_tool('test', f'checkpoint={job / "iter_2.pth"}', f'work_dir={out}', 'model.test_cfg.max_per_img=1')
+    assert OmegaConf.load(out / 'config.yaml').model.test_cfg.max_per_img == 1
+    proc = run_tool('test', f'checkpoint={job / "iter_2.pth"}', f'work_dir={out}', 'model=mask_rcnn', check=False)
+    assert proc.returncode == 2 and 'a saved run keeps its model' in proc.stderr
