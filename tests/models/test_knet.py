@@ -19,6 +19,10 @@ from instseg.registry import MODELS, TASK_UTILS
 NUM_CLASSES = 5
 TINY = ['model.backbone.base_channels=8', 'model.neck.out_channels=32', 'model.rpn_head.num_proposals=6',
         'model.roi_head.mask_head.num_heads=2', 'model.roi_head.mask_head.feedforward_channels=64']
+# docs/knet_cpu.md's one-to-many matching
+ONE_TO_MANY = [f'{prefix}model.train_cfg.{stage}.assigner.{key}={value}' for stage in ('rpn', 'rcnn')
+               for prefix, key, value in (('', 'type', 'OneToManyHungarianAssigner'), ('+', 'num_copies', 3))]
+ONE_TO_MANY.append('model.test_cfg.nms={kernel:gaussian,sigma:2.0}')
 
 
 def _tiny_model() -> KNet:
@@ -73,6 +77,29 @@ def test_matcher_finds_the_obvious_assignment():
     twin_cls[0, 0, 3] = twin_cls[0, 1, 1] = twin_cls[0, 2, 3] = 6.0
     [(pred_inds, gt_inds)] = match(assigner, twin_masks, twin_cls, [gt], NUM_CLASSES)
     assert dict(zip(pred_inds.tolist(), gt_inds.tolist())) == {1: 0, 2: 1}
+
+
+def test_one_to_many_matching_gives_each_gt_its_best_predictions():
+    init_default_scope('instseg')
+    assigner = TASK_UTILS.build(dict(type='OneToManyHungarianAssigner', num_copies=2, match_costs=[
+        dict(type='DiceCost', weight=4.0, pred_act=True, naive_dice=False),
+        dict(type='KNetMaskCost', weight=1.0, pred_act=True)]))
+    top, bottom = torch.zeros(8, 8), torch.zeros(8, 8)
+    top[:4], bottom[4:] = 1, 1
+    gt = InstanceData(labels=torch.tensor([1, 3]), masks=torch.stack([top, bottom]))
+    # 0 and 3 cover the top half (3 a row short), 1 the bottom, 4 most of it, 2 nothing
+    short_top, short_bottom = top.clone(), bottom.clone()
+    short_top[3], short_bottom[4] = 0, 0
+    mask_logits = torch.stack([top, bottom, torch.zeros(8, 8), short_top, short_bottom]) * 16 - 8
+    [(pred_inds, gt_inds)] = match(assigner, mask_logits[None], None, [gt], NUM_CLASSES)
+    assert dict(zip(pred_inds.tolist(), gt_inds.tolist())) == {0: 0, 1: 1, 3: 0, 4: 1}
+    # never more predictions than there are: 3 copies of 2 GTs on 5 kernels leave one GT with 2
+    assigner.num_copies = 3
+    [(pred_inds, gt_inds)] = match(assigner, mask_logits[None], None, [gt], NUM_CLASSES)
+    assert len(pred_inds) == 5 and sorted(gt_inds.bincount().tolist()) == [2, 3]
+    # an image without GT: everything background
+    empty = InstanceData(labels=torch.zeros(0, dtype=torch.long), masks=torch.zeros(0, 8, 8))
+    assert [len(p) for p, _ in match(assigner, mask_logits[None], None, [empty], NUM_CLASSES)] == [0]
 
 
 def test_mask_cost_is_the_references_agreement():
@@ -224,6 +251,24 @@ def test_mask_score_ranks_the_sure_mask_first(mask_score):
     assert result.labels.tolist() == [2, 2]
 
 
+def test_nms_lowers_a_duplicates_score_and_keeps_other_classes():
+    head = _iter_head(max_per_img=3, mask_thr=0.5, nms=dict(kernel='gaussian', sigma=2.0))
+    head.init_weights()
+    # kernels 0 and 1 are one mask of class 2 (one-to-many matching trains such pairs); kernel 2 the
+    # same mask of class 4, kernel 1 the lower score of the twins
+    mask_logits = torch.full((1, 3, 8, 8), -8.0)
+    mask_logits[0, :, :4] = 8.0
+    cls_logits = torch.full((1, 3, NUM_CLASSES), -8.0)
+    cls_logits[0, 0, 2], cls_logits[0, 1, 2], cls_logits[0, 2, 4] = 3.0, 2.0, 1.0
+    head.forward = lambda *args: [(cls_logits, mask_logits)]
+    meta = dict(img_shape=(8, 8), batch_input_shape=(8, 8), ori_shape=(8, 8))
+    [result] = head.predict(None, None, None, [meta])
+    sure, twin, other = torch.sigmoid(torch.tensor([3.0, 2.0, 1.0]))
+    assert torch.allclose(result.scores, torch.stack([sure, other, twin * torch.exp(torch.tensor(-2.0))]))
+    assert result.labels.tolist() == [2, 4, 2]
+    assert result.bboxes.tolist() == [[0.0, 0.0, 8.0, 4.0]] * 3
+
+
 # ----------------------------------------------------------------------------- configs and tools
 def test_builds_through_the_registry_with_the_cpu_fit():
     cfg = compose('train', ['model=knet'])
@@ -234,12 +279,16 @@ def test_builds_through_the_registry_with_the_cpu_fit():
     assert cfg.model.neck.out_channels == 64 and cfg.model.neck.num_outs == 4
     assert cfg.model.mask_stride == 2 and cfg.model.test_cfg.upsample_logits and cfg.model.test_cfg.mask_score
     assert model.roi_head.denoising_weight == cfg.model.roi_head.denoising_weight == 0.0  # an option
+    # one-to-many matching, an option too: docs/knet_cpu.md's overrides build it
+    one_to_many = build_model(compose('train', ['model=knet', *ONE_TO_MANY]))
+    assert one_to_many.rpn_head.assigner.num_copies == one_to_many.roi_head.assigner.num_copies == 3
+    assert one_to_many.roi_head.test_cfg['nms'] == dict(kernel='gaussian', sigma=2.0)
     reference = compose('train', ['model=knet', 'fit=reference'])
     assert reference.model.rpn_head.num_proposals == 100 and reference.model.neck.out_channels == 256
     assert reference.model.roi_head.denoising_weight == 0.0
     # the reference's test: class scores alone, sigmoid before resizing; targets at 1/4
     assert reference.model.mask_stride == 4 and reference.model.test_cfg == dict(
-        max_per_img=100, mask_thr=0.5, mask_score=False, upsample_logits=False)
+        max_per_img=100, mask_thr=0.5, mask_score=False, upsample_logits=False, nms=None)
 
 
 def test_recipes_follow_the_reference_schedule():

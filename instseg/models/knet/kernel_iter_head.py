@@ -7,14 +7,15 @@ weight, each matched (mmdet's HungarianAssigner here) on the *previous* stage's 
 upsampled to the GT masks' stride 4 for matching, loss and inference (mask_upsample_stride 2 from
 the fused stride 8). Inference (``simple_test`` L233-283, ``rescale_masks``/``get_seg_masks``):
 the top max_per_img (class, kernel) pairs by sigmoid score, masks resized to the padded input,
-cropped to the image, resized to the original size and thresholded at mask_thr. Two test_cfg options
-the reference lacks: ``upsample_logits`` (resize before the sigmoid) and ``mask_score`` (class score x
-mean mask probability).
+cropped to the image, resized to the original size and thresholded at mask_thr. Three test_cfg options
+the reference lacks: ``upsample_logits`` (resize before the sigmoid), ``mask_score`` (class score x
+mean mask probability) and ``nms`` (mmdet's ``mask_matrix_nms`` arguments: for one-to-many matching).
 """
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from mmdet.models.layers import mask_matrix_nms
 from mmdet.structures.mask import mask2bbox
 from mmengine.model import BaseModule, ModuleList
 from mmengine.structures import InstanceData
@@ -117,6 +118,12 @@ class KernelIterHead(BaseModule):
             if self.test_cfg.get('mask_score', False):
                 result.scores = top_scores * mask_score(probs, masks)
                 result = result[result.scores.argsort(descending=True)]  # best first again
+            if self.test_cfg.get('nms'):  # one-to-many matching trains duplicates: SOLOv2's matrix NMS
+                areas = result.masks.flatten(1).sum(1).float().clamp(min=1.0)  # two empty masks: IoU 0, not 0/0
+                scores, _, _, keep = mask_matrix_nms(result.masks, result.labels, result.scores,
+                                                     mask_area=areas, **self.test_cfg['nms'])
+                result = result[keep]
+                result.scores = scores
             result.bboxes = mask2bbox(result.masks)
             results.append(result)
         return results

@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from mmdet.models.task_modules.assigners import AssignResult, HungarianAssigner
 from mmdet.models.task_modules.assigners.match_cost import BaseMatchCost
 from mmdet.utils import reduce_mean
 from mmengine.structures import InstanceData
@@ -39,6 +40,30 @@ class KNetMaskCost(BaseMatchCost):
         target = gt_instances.masks.flatten(1).float()
         agreement = pred @ target.T + (1 - pred) @ (1 - target).T
         return -agreement / pred.shape[1] * self.weight
+
+
+@TASK_UTILS.register_module()
+class OneToManyHungarianAssigner(HungarianAssigner):
+    """mmdet's Hungarian matching with every GT repeated ``num_copies`` times, so that each GT gets up
+    to that many predictions (H-DETR's one-to-many matching, Jia et al., CVPR 2023): more positives per
+    GT for the class loss while the one-to-one matching is still unstable. Not the reference's; its
+    duplicates need a non-maximum suppression at test (``test_cfg.nms``)."""
+
+    def __init__(self, match_costs, num_copies: int = 2) -> None:
+        super().__init__(match_costs)
+        if num_copies < 1:
+            raise ValueError(f'num_copies: expected at least 1, got {num_copies}')
+        self.num_copies = num_copies
+
+    def assign(self, pred_instances: InstanceData, gt_instances: InstanceData,
+               img_meta: Optional[dict] = None, **kwargs) -> AssignResult:
+        num_gts = len(gt_instances)
+        copies = torch.arange(num_gts, device=gt_instances.labels.device).repeat(self.num_copies)
+        result = super().assign(pred_instances, gt_instances[copies], img_meta)
+        positive = result.gt_inds > 0
+        result.gt_inds[positive] = copies[result.gt_inds[positive] - 1] + 1
+        result.num_gts = num_gts
+        return result
 
 
 def match(assigner, mask_logits: Tensor, cls_logits: Optional[Tensor], gts: List[InstanceData],
