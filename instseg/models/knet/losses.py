@@ -68,8 +68,8 @@ class OneToManyHungarianAssigner(HungarianAssigner):
 
 def match(assigner, mask_logits: Tensor, cls_logits: Optional[Tensor], gts: List[InstanceData],
           num_classes: int) -> List[Match]:
-    """One-to-one matching of each image's N predictions to its GTs (mask logits at any size: resized
-    to the GT masks', without gradient).
+    """The matching of each image's N predictions to its GTs, one-to-one (or one-to-many with
+    ``OneToManyHungarianAssigner``); mask logits at any size: resized to the GT masks', without gradient.
 
     Without class scores (the RPN-like stage and the first update stage are matched on the RPN's
     masks) the class cost sees zero logits: it is then one constant over the whole cost matrix, so
