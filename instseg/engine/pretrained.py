@@ -2,13 +2,14 @@
 
 The backbone files name torchvision's weights by their download URL, so no torchvision is needed.
 torch.hub caches such files in ``$TORCH_HOME/hub/checkpoints``; a file missing there is downloaded
-once, with a short timeout. mmengine then loads the local file, but with ``strict=False``: a file
+once (per node, by its local rank 0, under a multi-process launch), with a short timeout. mmengine then loads the local file, but with ``strict=False``: a file
 that lacks the backbone's tensors or has other shapes (the narrowed ``fit=cpu`` backbone) would only
 be logged and leave a random init. So here, a file that cannot be had or does not fit stops the run
 with one line saying which file and why: never a warning and a random init.
 """
 from __future__ import annotations
 
+import os
 import re
 import socket
 import urllib.error
@@ -58,11 +59,33 @@ def local_file(source: str) -> Path:
             raise ConfigError(f'pretrained=true: {path} (model.backbone.init_cfg.checkpoint): file not found')
         return path
     path = cache_path(source)
-    if path.is_file():
-        return path
-    print(f'pretrained=true: downloading {source} to {path}', flush=True)
-    _download(source, path)
+    fetch_once_per_node(source, path)
     return path
+
+
+def fetch_once_per_node(url: str, path: Path) -> None:
+    """Downloads ``url`` to ``path`` unless it is there. Under a multi-process launch only each node's
+    local rank 0 downloads, while the other ranks wait for it, and every rank fails with the same line if
+    one node's download failed (not one rank with the reason and the others at a timeout)."""
+    from mmengine.dist import all_gather_object, get_world_size
+
+    if get_world_size() == 1:
+        if not path.is_file():
+            _download(url, path)
+        return
+    error = None
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))  # instseg.engine.dist exports it for every launcher
+    if local_rank == 0 and not path.is_file():
+        try:
+            _download(url, path)
+        except ConfigError as e:
+            error = str(e)
+    errors = [e for e in all_gather_object(error) if e]  # every rank calls it: no rank waits alone
+    if errors:
+        raise ConfigError(errors[0])
+    if not path.is_file():  # local rank 0 found or fetched it, but this rank cannot see it
+        raise ConfigError(f'pretrained=true: {path} is missing on this rank though local rank 0 of its node '
+                          'has it; give every rank of a node one TORCH_HOME')
 
 
 def _download(url: str, path: Path) -> None:
@@ -70,6 +93,7 @@ def _download(url: str, path: Path) -> None:
     timeout, failing in one line that says where to put the file by hand."""
     import torch
 
+    print(f'pretrained=true: downloading {url} to {path}', flush=True)
     match = _HASH_IN_NAME.search(path.name)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)

@@ -1,6 +1,8 @@
 """pretrained=true loads the ImageNet file named by URL from torch.hub's cache (no torchvision), or
 stops in one line: offline without the file, a file that does not fit the backbone, a damaged file.
 Offline here: a state dict of the right shape is placed at the path the loader looks up."""
+import multiprocessing
+import os
 import urllib.error
 
 import pytest
@@ -11,7 +13,7 @@ from mmengine.registry import init_default_scope
 from instseg.cli import compose
 from instseg.config import to_mmengine
 from instseg.engine.checkpoint import load_checkpoint_file
-from instseg.engine.pretrained import backbone_weights, cache_path
+from instseg.engine.pretrained import backbone_weights, cache_path, local_file
 from instseg.errors import ConfigError
 from instseg.registry import MODELS
 
@@ -126,3 +128,44 @@ def test_train_starts_from_the_cached_imagenet_weights(torch_home, tmp_path, mon
     for key in ('conv1.weight', 'bn1.running_mean', 'layer1.0.conv1.weight'):
         assert torch.equal(trained[f'backbone.{key}'], state[key]), key
     assert not torch.equal(trained['backbone.layer4.1.conv2.weight'], state['layer4.1.conv2.weight'])  # it trained
+
+
+def _fetch_as_rank(rank: int, init_file: str, url: str, calls) -> None:
+    """One rank of a two-process gloo group on one node fetching ``url`` (forked: the test's fake
+    download comes along)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2')
+    torch.distributed.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    try:
+        local_file(url)
+        calls.put((rank, 'ok'))
+    except ConfigError as e:
+        calls.put((rank, str(e)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize('reachable', [True, False])
+def test_under_a_launch_one_rank_per_node_downloads_and_all_share_its_outcome(torch_home, tmp_path,
+                                                                               monkeypatch, reachable):
+    context = multiprocessing.get_context('fork')
+    calls = context.Queue()
+
+    def fake_download(url, dst, *args, **kwargs):  # in the child processes
+        calls.put((int(os.environ['RANK']), 'download'))
+        if not reachable:
+            raise urllib.error.URLError(OSError(-3, 'Temporary failure in name resolution'))
+        torch.save({}, dst)
+
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', fake_download)
+    ranks = [context.Process(target=_fetch_as_rank, args=(r, str(tmp_path / 'init'), R18, calls)) for r in (0, 1)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(timeout=60)
+    events = sorted(calls.get(timeout=5) for _ in range(3))
+    assert events[0] == (0, 'download')  # rank 0 alone downloads; rank 1 waits for it
+    outcomes = dict(events[1:])
+    if reachable:
+        assert outcomes == {0: 'ok', 1: 'ok'} and cache_path(R18).is_file()
+    else:  # both ranks stop with rank 0's line, at once
+        assert outcomes[0] == outcomes[1] and outcomes[1].startswith(f'pretrained=true: cannot download {R18}')
