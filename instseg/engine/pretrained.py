@@ -2,9 +2,9 @@
 
 The backbone files name torchvision's weights by their download URL, so no torchvision is needed.
 torch.hub caches such files in ``$TORCH_HOME/hub/checkpoints``; a file missing there is downloaded
-once (per node, by its local rank 0, under a multi-process launch), with a short timeout. mmengine then loads the local file, but with ``strict=False``: a file
-that lacks the backbone's tensors or has other shapes (the narrowed ``fit=cpu`` backbone) would only
-be logged and leave a random init. So here, a file that cannot be had or does not fit stops the run
+once (per node, by its local rank 0, under a multi-process launch), with a short timeout. mmengine
+then loads the local file, but with ``strict=False``: a file that lacks the backbone's tensors or has
+other shapes (the narrowed ``fit=cpu`` backbone) would only be logged and leave a random init. So here, a file that cannot be had or does not fit stops the run
 with one line saying which file and why: never a warning and a random init.
 """
 from __future__ import annotations
