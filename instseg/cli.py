@@ -216,10 +216,12 @@ def _with_saved_model(args: list) -> list:
     """tools/test.py on a saved run: the command line composed with that run's model (``model=NAME``
     put first), so that keys only its model has (K-Net's ``model.test_cfg.mask_thr``, say) check and
     compose; ``instseg.engine.runner.run_test`` then applies them to the saved config itself."""
+    from instseg.engine.runner import saved_config_path
+
     given = dict(a.split('=', 1) for a in args if '=' in a and not a.startswith('-'))
     if 'model' in given or 'checkpoint' not in given:
         return args
-    saved = Path(given['checkpoint']).parent / 'config.yaml'
+    saved = saved_config_path(given['checkpoint'])
     try:
         name = OmegaConf.load(saved).model.name if saved.is_file() else None
     except Exception:  # noqa: BLE001 - not a config: run_test reports it

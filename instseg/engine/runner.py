@@ -137,13 +137,18 @@ def print_summary(metrics: dict, work_dir: Path) -> None:
     print(f'work_dir: {work_dir}')
 
 
+def saved_config_path(checkpoint: str) -> Path:
+    """The resolved config of the run that wrote ``checkpoint``: ``save_config``'s file beside it."""
+    return Path(checkpoint).parent / 'config.yaml'
+
+
 def run_test(cfg: DictConfig) -> dict:
     """tools/test.py: the run's saved config (beside the checkpoint) with this command's overrides
     on top; the composed defaults only where no saved config exists."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    saved = Path(cfg.checkpoint).parent / 'config.yaml'
+    saved = saved_config_path(cfg.checkpoint)
     if not saved.is_file():
         print(f'warning: no {saved}; using the composed config as given on the command line')
         return test(cfg, cfg.checkpoint, cfg.format_only)

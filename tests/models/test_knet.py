@@ -20,9 +20,11 @@ NUM_CLASSES = 5
 TINY = ['model.backbone.base_channels=8', 'model.neck.out_channels=32', 'model.rpn_head.num_proposals=6',
         'model.roi_head.mask_head.num_heads=2', 'model.roi_head.mask_head.feedforward_channels=64']
 # docs/knet_cpu.md's one-to-many matching
-ONE_TO_MANY = [f'{prefix}model.train_cfg.{stage}.assigner.{key}={value}' for stage in ('rpn', 'rcnn')
-               for prefix, key, value in (('', 'type', 'OneToManyHungarianAssigner'), ('+', 'num_copies', 3))]
-ONE_TO_MANY.append('model.test_cfg.nms={kernel:gaussian,sigma:2.0}')
+ONE_TO_MANY = ['model.train_cfg.rpn.assigner.type=OneToManyHungarianAssigner',
+               '+model.train_cfg.rpn.assigner.num_copies=3',
+               'model.train_cfg.rcnn.assigner.type=OneToManyHungarianAssigner',
+               '+model.train_cfg.rcnn.assigner.num_copies=3',
+               'model.test_cfg.nms={kernel:gaussian,sigma:2.0}']
 
 
 def _tiny_model() -> KNet:
