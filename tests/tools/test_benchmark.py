@@ -10,7 +10,7 @@ def test_times_each_model_and_relates_it_to_the_first():
     assert (first, second) == ('condinst', 'knet') and float(r1) == 1.0
     assert float(s1) > 0 and float(s2) > 0 and abs(float(r2) - float(s2) / float(s1)) < 0.01
     # the schedules are the models' CPU schedules (schedule/model/cpu_<model>.yaml)
-    assert (int(n1), int(n2)) == (5000, 10000)
+    assert (int(n1), int(n2)) == (3000, 10000)
     assert abs(float(m2) - float(s2) * 10000 / 60) < 0.1
 
 
