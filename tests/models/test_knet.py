@@ -13,6 +13,7 @@ from instseg.cli import compose
 from instseg.config import to_mmengine
 from instseg.models import build_model
 from instseg.models.knet import KNet, KernelIterHead
+from instseg.models.knet.kernel_update_head import grid_group
 from instseg.models.knet.losses import match
 from instseg.registry import MODELS, TASK_UTILS
 
@@ -133,6 +134,39 @@ def test_kernel_update_shapes_and_kernels_change_every_stage():
         stages.append(kernels)
     outputs = head(features, stages[0], torch.randn(2, 7, 4, 4))
     assert len(outputs) == 3 and outputs[-1][1].shape == (2, 7, 8, 8)
+
+
+def test_grid_grouping_sums_each_cell_of_the_mask_box_and_keeps_the_layout():
+    features = torch.zeros(1, 3, 6, 8)
+    features[0, 0] = 1.0                                     # counts pixels
+    features[0, 1] = torch.arange(8.0)[None].expand(6, 8)    # x
+    features[0, 2] = torch.arange(6.0)[:, None].expand(6, 8)  # y
+    masks = torch.zeros(1, 3, 6, 8)
+    masks[0, 0, 1:5, 2:6] = 1       # a 4x4 square: 2x2 pixels in each cell of a 2x2 grid
+    masks[0, 1, 0, 7] = 1           # one pixel: the centre of its own box
+    cells = grid_group(masks, features, 2).reshape(1, 3, 4, 3)
+    assert cells[0, 0, :, 0].tolist() == [4, 4, 4, 4]
+    assert cells[0, 0, :, 1].tolist() == [2 + 2 + 3 + 3, 4 + 4 + 5 + 5] * 2  # left cells, then right
+    assert cells[0, 0, :, 2].tolist() == [1 + 1 + 2 + 2] * 2 + [3 + 3 + 4 + 4] * 2  # top cells, then bottom
+    assert grid_group(masks, features, 3).reshape(1, 3, 9, 3)[0, 1, :, 0].tolist() == [0] * 4 + [1] + [0] * 4
+    assert not cells[0, 2].any()  # an empty mask groups nothing
+    # the cells add up to the reference's bag of features, whatever the grid
+    bag = torch.einsum('bnhw,bchw->bnc', masks, features)
+    for grid in (1, 3):
+        assert torch.allclose(grid_group(masks, features, grid).reshape(1, 3, grid * grid, 3).sum(2), bag)
+
+
+def test_a_stage_with_grid_grouping_takes_the_wider_group_feature():
+    init_default_scope('instseg')
+    head = MODELS.build(dict(type='KernelUpdateHead', num_classes=NUM_CLASSES, in_channels=16, num_heads=2,
+                             feedforward_channels=32, updator_channels=16, group_grid=3))
+    head.init_weights()
+    assert head.kernel_updator.dynamic_layer.in_features == 9 * 16
+    features = torch.randn(2, 16, 8, 8, requires_grad=True)
+    cls_logits, mask_logits, kernels = head(features, torch.randn(2, 7, 16), torch.randn(2, 7, 8, 8))
+    assert cls_logits.shape == (2, 7, NUM_CLASSES) and mask_logits.shape == (2, 7, 8, 8)
+    cls_logits.sum().backward()  # the class reaches the features through the grouping
+    assert features.grad.abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------- loss and predict

@@ -10,6 +10,8 @@ ReLU, dropout 0) + LN, one fc + LN + ReLU before each of the class and mask-kern
 (num_cls_fcs, num_mask_fcs 1). Losses: focal 2 (alpha 0.25, gamma 2), mask BCE 1, dice 4.
 Init (init_weights L153-170): xavier-uniform for every weight matrix, class bias at prior 0.01.
 Only 1x1 kernels are implemented (the reference's K x K path is unused by its instance configs).
+One option the reference lacks, ``group_grid``: features grouped in a grid over each mask's box
+instead of one sum (docs/knet_cpu.md: from scratch, a bag of features learns the class too slowly).
 """
 from typing import Dict, List, Optional, Tuple
 
@@ -28,10 +30,12 @@ class KernelUpdator(BaseModule):
     group feature F and the kernel K decide, per channel, how much of each goes into the new kernel:
     K' = sigmoid(LN(G_F)) * LN(F_out) + sigmoid(LN(G_K)) * LN(K_out), then fc + LN + ReLU."""
 
-    def __init__(self, in_channels: int = 256, feat_channels: int = 256, out_channels: int = 256) -> None:
+    def __init__(self, in_channels: int = 256, feat_channels: int = 256, out_channels: int = 256,
+                 group_channels: Optional[int] = None) -> None:
         super().__init__()
         self.feat_channels = feat_channels
-        self.dynamic_layer = nn.Linear(in_channels, 2 * feat_channels)  # from the group feature
+        # from the group feature (group_channels wide where it keeps a layout: KernelUpdateHead.group_grid)
+        self.dynamic_layer = nn.Linear(group_channels or in_channels, 2 * feat_channels)
         self.input_layer = nn.Linear(in_channels, 2 * feat_channels)    # from the kernel
         self.input_gate = nn.Linear(feat_channels, feat_channels)
         self.update_gate = nn.Linear(feat_channels, feat_channels)
@@ -42,7 +46,7 @@ class KernelUpdator(BaseModule):
         self.activation = nn.ReLU(inplace=True)
 
     def forward(self, group_feats: Tensor, kernels: Tensor) -> Tensor:
-        """group_feats, kernels: (..., in_channels) -> updated kernels (..., out_channels)."""
+        """group_feats (..., group_channels), kernels (..., in_channels) -> updated kernels (..., out_channels)."""
         feat_in, feat_out = self.dynamic_layer(group_feats).split(self.feat_channels, dim=-1)
         kernel_in, kernel_out = self.input_layer(kernels).split(self.feat_channels, dim=-1)
         gate_feats = feat_in * kernel_in  # the gates see both: how well feature and kernel agree
@@ -50,6 +54,27 @@ class KernelUpdator(BaseModule):
         feat_gate = self.norm_in(self.update_gate(gate_feats)).sigmoid()
         updated = feat_gate * self.norm_out(feat_out) + kernel_gate * self.input_norm_out(kernel_out)
         return self.activation(self.fc_norm(self.fc_layer(updated)))
+
+
+def grid_group(hard_masks: Tensor, features: Tensor, grid: int) -> Tensor:
+    """The features under each mask summed in a ``grid`` x ``grid`` layout over the mask's own box:
+    hard_masks (B, N, h, w), features (B, C, h, w) -> (B, N, grid * grid * C). A cell holds the mask's
+    pixels whose centres fall in it; an empty mask gives zeros."""
+    batch, num, h, w = hard_masks.shape
+    inside = hard_masks > 0
+    ys = torch.arange(h, dtype=features.dtype, device=features.device)[:, None].expand(h, w)
+    xs = torch.arange(w, dtype=features.dtype, device=features.device)[None, :].expand(h, w)
+
+    def cell_index(coords: Tensor) -> Tensor:  # the grid row (or column) of every pixel, per mask
+        far = float(max(h, w))
+        low = torch.where(inside, coords, far).amin((2, 3), keepdim=True)
+        high = torch.where(inside, coords, -far).amax((2, 3), keepdim=True)
+        extent = (high - low + 1).clamp(min=1)
+        return ((coords - low + 0.5) / extent * grid).floor().clamp(0, grid - 1).long()
+
+    cells = cell_index(ys) * grid + cell_index(xs)  # (B, N, h, w)
+    weights = nn.functional.one_hot(cells, grid * grid).to(features.dtype) * hard_masks[..., None]
+    return torch.einsum('bnhwk,bchw->bnkc', weights, features).flatten(2)
 
 
 def _fc_ln_relu(channels: int, num: int) -> nn.Sequential:
@@ -67,7 +92,7 @@ class KernelUpdateHead(BaseModule):
     def __init__(self, num_classes: int, in_channels: int = 256, num_heads: int = 8,
                  feedforward_channels: int = 2048, num_ffn_fcs: int = 2, num_cls_fcs: int = 1,
                  num_mask_fcs: int = 1, dropout: float = 0.0, hard_mask_thr: float = 0.5,
-                 updator_channels: int = 256,
+                 updator_channels: int = 256, group_grid: int = 0,
                  loss_cls: dict = dict(type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=2.0),
                  loss_mask: dict = dict(type='CrossEntropyLoss', use_sigmoid=True, loss_weight=1.0),
                  loss_dice: dict = dict(type='DiceLoss', loss_weight=4.0), init_cfg=None) -> None:
@@ -75,8 +100,11 @@ class KernelUpdateHead(BaseModule):
         assert num_ffn_fcs >= 2
         self.num_classes = num_classes
         self.hard_mask_thr = hard_mask_thr
+        # group_grid > 0 (not the reference's: 0) keeps where in the mask each feature lies (see forward)
+        self.group_grid = group_grid
         self.feat_transform = nn.Conv2d(in_channels, in_channels, 1)
-        self.kernel_updator = KernelUpdator(in_channels, updator_channels, in_channels)
+        self.kernel_updator = KernelUpdator(in_channels, updator_channels, in_channels,
+                                            group_channels=in_channels * group_grid ** 2 or None)
         self.attention = nn.MultiheadAttention(in_channels, num_heads, dropout=dropout, batch_first=True)
         self.attention_norm = nn.LayerNorm(in_channels)
         ffn = [nn.Linear(in_channels, feedforward_channels), nn.ReLU(inplace=True), nn.Dropout(dropout)]
@@ -108,7 +136,12 @@ class KernelUpdateHead(BaseModule):
                                                     align_corners=False)
         # Group: sum the features under each kernel's hard mask (no gradient through the grouping).
         hard_masks = (mask_logits.sigmoid() > self.hard_mask_thr).float()
-        group_feats = torch.einsum('bnhw,bchw->bnc', hard_masks, features)
+        if self.group_grid:
+            # A bag of features forgets the shape, which a backbone trained from scratch learns to put
+            # into each pixel's feature only slowly; a grid over the mask's box keeps its layout.
+            group_feats = grid_group(hard_masks, features, self.group_grid)
+        else:
+            group_feats = torch.einsum('bnhw,bchw->bnc', hard_masks, features)
         kernels = self.kernel_updator(group_feats, kernels)
         # Interact: kernels attend to each other, e.g. to suppress duplicates of one instance.
         attended = self.attention(kernels, kernels, kernels, key_padding_mask=padding, need_weights=False)[0]
