@@ -240,7 +240,7 @@ def test_condinst_recipes_match_their_references(experiment, iters, steps):
 
 def test_a_model_can_lengthen_its_cpu_schedule_and_the_command_line_still_wins():
     knet = compose('train', ['model=knet']).schedule                       # schedule/model/cpu_knet.yaml
-    assert (knet.max_iters, knet.optimizer.lr, knet.clip_grad.max_norm) == (10000, 5e-4, 1)
+    assert (knet.max_iters, knet.optimizer.lr, knet.clip_grad.max_norm) == (8000, 5e-4, 1)
     assert knet.optimizer.type == 'AdamW' and knet.optimizer.weight_decay == 0.05  # the rest is cpu.yaml's
     smoke = compose('train', ['model=knet', 'schedule=smoke']).schedule
     assert (smoke.max_iters, smoke.optimizer.lr) == (4, 0.01)  # only the cpu schedule is lengthened

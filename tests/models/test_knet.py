@@ -20,12 +20,9 @@ from instseg.registry import MODELS, TASK_UTILS
 NUM_CLASSES = 5
 TINY = ['model.backbone.base_channels=8', 'model.neck.out_channels=32', 'model.rpn_head.num_proposals=6',
         'model.roi_head.mask_head.num_heads=2', 'model.roi_head.mask_head.feedforward_channels=64']
-# docs/knet_cpu.md's one-to-many matching
-ONE_TO_MANY = ['model.train_cfg.rpn.assigner.type=OneToManyHungarianAssigner',
-               '+model.train_cfg.rpn.assigner.num_copies=3',
-               'model.train_cfg.rcnn.assigner.type=OneToManyHungarianAssigner',
-               '+model.train_cfg.rcnn.assigner.num_copies=3',
-               'model.test_cfg.nms={kernel:gaussian,sigma:2.0}']
+# docs/knet_cpu.md's line for the CPU fit without what it adds to the reference's head
+WITHOUT_ADDITIONS = ['model.roi_head.mask_head.group_grid=0', 'model.roi_head.denoising_weight=0',
+                     'model.train_cfg.rpn.assigner.num_copies=1', 'model.test_cfg.nms=null']
 
 
 def _tiny_model() -> KNet:
@@ -58,7 +55,7 @@ def _batch(samples, training: bool, model: KNet):
 # ----------------------------------------------------------------------------- matching
 def test_matcher_finds_the_obvious_assignment():
     init_default_scope('instseg')
-    cfg = compose('train', ['model=knet'])
+    cfg = compose('train', ['model=knet', 'fit=reference'])  # one-to-one, as the reference
     assigner = TASK_UTILS.build(OmegaConf.to_container(cfg.model.train_cfg.rcnn.assigner))
     left = torch.zeros(8, 8)
     left[:, :4] = 1
@@ -84,9 +81,9 @@ def test_matcher_finds_the_obvious_assignment():
 
 def test_one_to_many_matching_gives_each_gt_its_best_predictions():
     init_default_scope('instseg')
-    assigner = TASK_UTILS.build(dict(type='OneToManyHungarianAssigner', num_copies=2, match_costs=[
-        dict(type='DiceCost', weight=4.0, pred_act=True, naive_dice=False),
-        dict(type='KNetMaskCost', weight=1.0, pred_act=True)]))
+    costs = [dict(type='DiceCost', weight=4.0, pred_act=True, naive_dice=False),
+             dict(type='KNetMaskCost', weight=1.0, pred_act=True)]
+    assigner = TASK_UTILS.build(dict(type='OneToManyHungarianAssigner', num_copies=2, match_costs=costs))
     top, bottom = torch.zeros(8, 8), torch.zeros(8, 8)
     top[:4], bottom[4:] = 1, 1
     gt = InstanceData(labels=torch.tensor([1, 3]), masks=torch.stack([top, bottom]))
@@ -103,6 +100,12 @@ def test_one_to_many_matching_gives_each_gt_its_best_predictions():
     # an image without GT: everything background
     empty = InstanceData(labels=torch.zeros(0, dtype=torch.long), masks=torch.zeros(0, 8, 8))
     assert [len(p) for p, _ in match(assigner, mask_logits[None], None, [empty], NUM_CLASSES)] == [0]
+    # one copy is mmdet's one-to-one matching
+    assigner.num_copies = 1
+    one_to_one = TASK_UTILS.build(dict(type='HungarianAssigner', match_costs=costs))
+    for assign in (assigner, one_to_one):
+        [(pred_inds, gt_inds)] = match(assign, mask_logits[None], None, [gt], NUM_CLASSES)
+        assert dict(zip(pred_inds.tolist(), gt_inds.tolist())) == {0: 0, 1: 1}
 
 
 def test_mask_cost_is_the_references_agreement():
@@ -176,7 +179,7 @@ def test_loss_is_finite_and_reaches_the_kernels_with_an_image_without_gt():
     samples = [_sample([[4, 4, 30, 20], [30, 30, 60, 62]], [0, 4]), _sample([], [])]
     losses = model(**_batch(samples, True, model), mode='loss')
     expected = {'loss_rpn_mask', 'loss_rpn_dice', 'loss_rpn_seg'} | {
-        f's{s}_loss_{k}' for s in range(3) for k in ('cls', 'mask', 'dice')}
+        f's{s}_{group}loss_{k}' for s in range(3) for group in ('', 'dn_') for k in ('cls', 'mask', 'dice')}
     assert set(losses) == expected
     assert all(torch.isfinite(v) for v in losses.values()), losses
     sum(losses.values()).backward()
@@ -314,14 +317,20 @@ def test_builds_through_the_registry_with_the_cpu_fit():
     assert model.rpn_head.init_kernels.out_channels == cfg.model.rpn_head.num_proposals == 30  # tuning/cpu_knet
     assert cfg.model.neck.out_channels == 64 and cfg.model.neck.num_outs == 4
     assert cfg.model.mask_stride == 2 and cfg.model.test_cfg.upsample_logits and cfg.model.test_cfg.mask_score
-    assert model.roi_head.denoising_weight == cfg.model.roi_head.denoising_weight == 0.0  # an option
-    # one-to-many matching, an option too: docs/knet_cpu.md's overrides build it
-    one_to_many = build_model(compose('train', ['model=knet', *ONE_TO_MANY]))
-    assert one_to_many.rpn_head.assigner.num_copies == one_to_many.roi_head.assigner.num_copies == 3
-    assert one_to_many.roi_head.test_cfg['nms'] == dict(kernel='gaussian', sigma=2.0)
+    # grid grouping, one-to-many matching with matrix NMS at test, the denoising group
+    assert all(head.group_grid == 3 for head in model.roi_head.mask_head)
+    assert model.rpn_head.assigner.num_copies == model.roi_head.assigner.num_copies == 3
+    assert model.roi_head.test_cfg['nms'] == dict(kernel='gaussian', sigma=2.0)
+    assert model.roi_head.denoising_weight == 1.0
+    # docs/knet_cpu.md's line switches them all off (one copy: one-to-one matching)
+    plain = build_model(compose('train', ['model=knet', *WITHOUT_ADDITIONS]))
+    assert all(head.group_grid == 0 for head in plain.roi_head.mask_head)
+    assert plain.rpn_head.assigner.num_copies == plain.roi_head.assigner.num_copies == 1
+    assert plain.roi_head.denoising_weight == 0.0 and plain.roi_head.test_cfg['nms'] is None
     reference = compose('train', ['model=knet', 'fit=reference'])
     assert reference.model.rpn_head.num_proposals == 100 and reference.model.neck.out_channels == 256
-    assert reference.model.roi_head.denoising_weight == 0.0
+    assert reference.model.roi_head.denoising_weight == 0.0 and reference.model.roi_head.mask_head.group_grid == 0
+    assert reference.model.train_cfg.rcnn.assigner.type == 'HungarianAssigner'
     # the reference's test: class scores alone, sigmoid before resizing; targets at 1/4
     assert reference.model.mask_stride == 4 and reference.model.test_cfg == dict(
         max_per_img=100, mask_thr=0.5, mask_score=False, upsample_logits=False, nms=None)

@@ -37,7 +37,8 @@ class KernelIterHead(BaseModule):
     """``num_stages`` KernelUpdateHeads (``mask_head``: one config for all, or a list of one per stage).
 
     ``denoising_weight`` > 0 (the reference has none: 0) adds, in training only, one more group of
-    kernels per image, one per GT: the kernel matched to it, grouping features under the GT mask itself
+    kernels per image, one per matched pair of the first stage (so one per GT, or up to num_copies per
+    GT with one-to-many matching): the matched kernel, grouping features under the GT mask itself
     in the first stage, then under its own masks, its targets fixed (no matching), its losses weighted
     so. As DN-DETR's denoising queries, it gives the class a clean target from the first iteration, on
     features grouped exactly under each object, while the matching is still unstable."""
