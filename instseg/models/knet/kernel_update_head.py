@@ -60,7 +60,7 @@ def grid_group(hard_masks: Tensor, features: Tensor, grid: int) -> Tensor:
     """The features under each mask summed in a ``grid`` x ``grid`` layout over the mask's own box:
     hard_masks (B, N, h, w), features (B, C, h, w) -> (B, N, grid * grid * C). A cell holds the mask's
     pixels whose centres fall in it; an empty mask gives zeros."""
-    batch, num, h, w = hard_masks.shape
+    h, w = hard_masks.shape[-2:]
     inside = hard_masks > 0
     ys = torch.arange(h, dtype=features.dtype, device=features.device)[:, None].expand(h, w)
     xs = torch.arange(w, dtype=features.dtype, device=features.device)[None, :].expand(h, w)
