@@ -165,8 +165,7 @@ def to_mmengine(cfg: DictConfig, *, mode: str = 'train', checkpoint: str | None 
                         val_interval=schedule['val_interval'])),
         val_cfg=dict(type='ValLoop'),
         test_cfg=dict(type='TestLoop'),
-        optim_wrapper=dict(type='AmpOptimWrapper' if c['amp'] else 'OptimWrapper',
-                           optimizer=_optimizer(schedule['optimizer']), clip_grad=schedule['clip_grad']),
+        optim_wrapper=_optim_wrapper(schedule, amp=c['amp']),
         param_scheduler=_param_schedulers(schedule),
         auto_scale_lr=dict(enable=schedule['auto_scale_lr'], base_batch_size=schedule['base_batch_size']),
         default_hooks=dict(
@@ -238,6 +237,42 @@ def _dataloader(data, split, schedule, *, train: bool, semantic: bool = False) -
                 sampler=dict(type='DefaultSampler', shuffle=train),
                 batch_sampler=dict(type='AspectRatioBatchSampler') if train else None,
                 dataset=dataset)
+
+
+# mmengine's DefaultOptimWrapperConstructor reads these and silently ignores any other key
+PARAMWISE_KEYS = ('custom_keys', 'bias_lr_mult', 'bias_decay_mult', 'norm_decay_mult', 'dwconv_decay_mult',
+                  'flat_decay_mult', 'dcn_offset_lr_mult', 'bypass_duplicate')
+CUSTOM_KEY_MULTS = ('lr_mult', 'decay_mult')
+
+
+def _optim_wrapper(schedule: dict, *, amp: bool) -> dict:
+    wrapper = dict(type='AmpOptimWrapper' if amp else 'OptimWrapper',
+                   optimizer=_optimizer(schedule['optimizer']), clip_grad=schedule['clip_grad'])
+    paramwise = schedule.get('paramwise_cfg')  # runs saved before the key have none
+    if paramwise:
+        _check_paramwise(paramwise)
+        # our constructor: mmengine's, refusing a custom key that names no parameter (instseg.engine.optim)
+        wrapper.update(paramwise_cfg=paramwise, constructor='CheckedOptimWrapperConstructor')
+    return wrapper
+
+
+def _check_paramwise(paramwise) -> None:
+    where = 'schedule.paramwise_cfg'
+    if not isinstance(paramwise, dict):
+        raise ConfigError(f'{where}: expected a mapping such as {{custom_keys: {{backbone: {{lr_mult: 0.25}}}}}}, '
+                          f'got {paramwise!r}')
+    unknown = sorted(set(paramwise) - set(PARAMWISE_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}'; valid keys: {', '.join(PARAMWISE_KEYS)}")
+    custom = paramwise.get('custom_keys') or {}
+    if not isinstance(custom, dict):
+        raise ConfigError(f'{where}.custom_keys: expected a mapping of parameter-name parts to '
+                          f'{{lr_mult, decay_mult}}, got {custom!r}')
+    for name, mults in custom.items():
+        bad = sorted(set(mults) - set(CUSTOM_KEY_MULTS)) if isinstance(mults, dict) else [repr(mults)]
+        if bad:
+            raise ConfigError(f"{where}.custom_keys.{name}: unknown key '{bad[0]}'; valid keys: "
+                              f"{', '.join(CUSTOM_KEY_MULTS)}")
 
 
 def _optimizer(optimizer: dict) -> dict:

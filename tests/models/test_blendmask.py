@@ -11,6 +11,7 @@ from mmdet.structures.mask import BitmapMasks
 from mmengine.structures import InstanceData
 
 from instseg.cli import compose
+from instseg.config import to_mmengine
 from instseg.models import build_model
 from instseg.models.blendmask import BlendMask
 from instseg.models.blendmask.blender import blend, blend_loss, crop_bases
@@ -155,6 +156,7 @@ def test_recipes_compose(recipe):
     cfg = compose('train', [f'experiment={recipe}'])
     assert cfg.model.name == 'blendmask' and cfg.model.backbone.depth == 50 and cfg.model.neck.out_channels == 256
     assert cfg.schedule.optimizer.lr == 0.01 and cfg.schedule.warmup_iters == 1000
+    assert to_mmengine(cfg).optim_wrapper.paramwise_cfg == {'norm_decay_mult': 0.0}  # WEIGHT_DECAY_NORM 0
     assert [s[1] for s in cfg.data.train_scales] == [640, 672, 704, 736, 768, 800]
     iters, steps = (90_000, [60_000, 80_000]) if '1x' in recipe else (270_000, [210_000, 250_000])
     assert not cfg.schedule.by_epoch and cfg.schedule.batch_size == 2 and cfg.schedule.base_batch_size == 16

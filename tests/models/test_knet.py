@@ -343,10 +343,12 @@ def test_recipes_follow_the_reference_schedule():
     assert cfg.model.rpn_head.num_proposals == 100 and cfg.model.neck.out_channels == 256  # fit=reference
     # SGD's momentum from schedule/1x is removed by the recipe's null
     assert to_mmengine(cfg).optim_wrapper.optimizer == {'type': 'AdamW', 'lr': 1e-4, 'weight_decay': 0.05}
+    assert to_mmengine(cfg).optim_wrapper.paramwise_cfg == {'custom_keys': {'backbone': {'lr_mult': 0.25}}}
     assert s.clip_grad.max_norm == 1 and s.warmup_iters == 1000 and s.max_epochs == 12 and list(s.steps) == [8, 11]
     assert s.batch_size == 2 and s.base_batch_size == 16 and s.by_epoch
     ms = compose('train', ['experiment=knet_r50_fpn_ms_3x_coco'])
     assert ms.schedule.max_epochs == 36 and list(ms.schedule.steps) == [27, 33]
+    assert ms.schedule.paramwise_cfg == s.paramwise_cfg
     assert [short for _, short in ms.data.train_scales] == [640, 672, 704, 736, 768, 800]
 
 
