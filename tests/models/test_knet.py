@@ -212,20 +212,20 @@ def test_denoising_group_learns_each_gt_from_its_own_mask_and_leaves_the_rest_al
     assert set(plain) == set(losses) - denoising
     for key, value in plain.items():
         torch.testing.assert_close(losses[key], value)
-    # its first stage groups features under the GT masks: they, not the RPN's masks, set its loss
-    head = model.roi_head
-    kernels = torch.randn(1, 4, 32)
-    features = torch.randn(1, 32, 8, 8)
+    # the group: the matched kernels, their first masks the GT masks (not the RPN's), one key kept per image
+    kernels = torch.randn(2, 4, 32)
     gt = InstanceData(labels=torch.tensor([1, 3]), masks=torch.zeros(2, 8, 8))
     gt.masks[0, :4, :4] = 1
     gt.masks[1, 4:, 4:] = 1
-    head.denoising_weight = 1.0
-    matches = [(torch.tensor([2, 0]), torch.tensor([0, 1]))]
-    first = head._denoising_losses(features, kernels, matches, [gt])
-    swapped = gt.clone()
-    swapped.masks = gt.masks.flip(0)
-    second = head._denoising_losses(features, kernels, matches, [swapped])
-    assert not torch.allclose(first['s0_dn_loss_cls'], second['s0_dn_loss_cls'])
+    matches = [(torch.tensor([2, 0]), torch.tensor([1, 0])), (torch.tensor([], dtype=torch.long),) * 2]
+    group_kernels, logits, padding, group_matches = model.roi_head._denoising_group(
+        kernels, matches, [gt, gt[:0]], (8, 8))
+    assert torch.equal(group_kernels[0], kernels[0, [2, 0]]) and not group_kernels[1].any()
+    assert torch.equal(logits[0] > 0, gt.masks[[1, 0]].bool()) and not (logits[1] > 0).any()
+    assert padding.tolist() == [[False, False], [False, True]]
+    assert [m[0].tolist() for m in group_matches] == [[0, 1], []] and group_matches[0][1].tolist() == [1, 0]
+    assert model.roi_head._denoising_group(kernels, matches, [gt, gt[:0]], (4, 4))[1].shape == (2, 2, 4, 4)
+
 
 def test_predict_gives_masks_at_the_original_size_and_boxes_enclosing_them():
     model = _tiny_model()

@@ -64,42 +64,53 @@ class KernelIterHead(BaseModule):
 
     def loss(self, features: Tensor, kernels: Tensor, mask_logits: Tensor,
              gts: List[InstanceData]) -> Dict[str, Tensor]:
-        initial_kernels, prev_cls, prev_masks = kernels, None, mask_logits
+        num_kernels = kernels.shape[1]
+        # Each stage is matched on the previous stage's predictions, which it refines; the first on the
+        # RPN-like stage's masks, known before any update.
+        matches = match(self.assigner, mask_logits, None, gts, self.mask_head[0].num_classes)
+        padding = attn_mask = None
+        if self.denoising_weight > 0:  # the group runs beside the kernels, in its own attention block
+            group = self._denoising_group(kernels, matches, gts, mask_logits.shape[-2:])
+            group_kernels, group_logits, group_padding, group_matches = group
+            kernels, mask_logits = torch.cat([kernels, group_kernels], 1), torch.cat([mask_logits, group_logits], 1)
+            padding = torch.cat([group_padding.new_zeros(len(gts), num_kernels), group_padding], 1)
+            in_group = torch.arange(kernels.shape[1], device=kernels.device) >= num_kernels
+            attn_mask = in_group[:, None] != in_group[None, :]  # True: may not attend
         losses = {}
         for stage, (head, weight) in enumerate(zip(self.mask_head, self.stage_loss_weights)):
-            cls_logits, mask_logits, kernels = head(features, kernels, mask_logits)
-            # Matched on the previous stage's predictions, which the stage is refining.
-            matches = match(self.assigner, prev_masks, prev_cls, gts, head.num_classes)
-            if stage == 0:
-                first_matches = matches
-            for name, value in head.loss(cls_logits, mask_logits, matches, gts).items():
+            cls_logits, mask_logits, kernels = head(features, kernels, mask_logits, padding, attn_mask)
+            if stage > 0:
+                matches = match(self.assigner, prev_masks, prev_cls, gts, head.num_classes)
+            for name, value in head.loss(cls_logits[:, :num_kernels], mask_logits[:, :num_kernels],
+                                         matches, gts).items():
                 losses[f's{stage}_{name}'] = value * weight
-            prev_cls, prev_masks = cls_logits.detach(), mask_logits.detach()
-        if self.denoising_weight > 0:
-            losses.update(self._denoising_losses(features, initial_kernels, first_matches, gts))
+            if padding is not None:
+                for name, value in head.loss(cls_logits[:, num_kernels:], mask_logits[:, num_kernels:],
+                                             group_matches, gts).items():
+                    losses[f's{stage}_dn_{name}'] = value * weight * self.denoising_weight
+            prev_cls, prev_masks = cls_logits[:, :num_kernels].detach(), mask_logits[:, :num_kernels].detach()
         return losses
 
-    def _denoising_losses(self, features: Tensor, kernels: Tensor, matches: List[Match],
-                          gts: List[InstanceData]) -> Dict[str, Tensor]:
-        """The GT group's losses (see the class): kernels (B, N, C) before the first stage, matched to
-        the GTs by the first stage's matching."""
+    @staticmethod
+    def _denoising_group(kernels: Tensor, matches: List[Match], gts: List[InstanceData],
+                         size: Tuple[int, int]) -> Tuple[Tensor, Tensor, Tensor, List[Match]]:
+        """The GT group (see the class) from the kernels (B, N, C) before the first stage and its
+        matching: its kernels (B, G, C), its first masks as logits of size ``size`` (positive exactly
+        inside each GT mask before resizing), its padding (B, G) and its fixed matching."""
         batch, _, channels = kernels.shape
         group = max(1, max(len(p) for p, _ in matches))
         group_kernels = kernels.new_zeros(batch, group, channels)
-        mask_logits = features.new_full((batch, group, *gts[0].masks.shape[-2:]), -10.0)
+        mask_logits = kernels.new_full((batch, group, *gts[0].masks.shape[-2:]), -10.0)
         padding = torch.ones(batch, group, dtype=torch.bool, device=kernels.device)
         for i, ((p, g), gt) in enumerate(zip(matches, gts)):
             group_kernels[i, :len(p)] = kernels[i, p]
             mask_logits[i, :len(p)] = 20.0 * gt.masks[g] - 10.0  # logits: sigmoid > 0.5 inside
             padding[i, :max(len(p), 1)] = False  # attention needs one key per image
+        if mask_logits.shape[-2:] != tuple(size):  # as the first stage resizes every mask it is given
+            mask_logits = F.interpolate(mask_logits, size, mode='bilinear', align_corners=False)
         # Kernel j of an image is its j-th matched GT's.
         group_matches = [(torch.arange(len(g), device=kernels.device), g) for _, g in matches]
-        losses = {}
-        for stage, (head, weight) in enumerate(zip(self.mask_head, self.stage_loss_weights)):
-            cls_logits, mask_logits, group_kernels = head(features, group_kernels, mask_logits, padding)
-            for name, value in head.loss(cls_logits, mask_logits, group_matches, gts).items():
-                losses[f's{stage}_dn_{name}'] = value * weight * self.denoising_weight
-        return losses
+        return group_kernels, mask_logits, padding, group_matches
 
     def predict(self, features: Tensor, kernels: Tensor, mask_logits: Tensor, batch_img_metas: List[dict],
                 rescale: bool = True) -> List[InstanceData]:

@@ -127,9 +127,10 @@ class KernelUpdateHead(BaseModule):
                 nn.init.xavier_uniform_(p)
         nn.init.constant_(self.fc_cls.bias, bias_init_with_prob(0.01))
 
-    def forward(self, features: Tensor, kernels: Tensor, mask_logits: Tensor,
-                padding: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-        """``padding`` (B, N), True for kernels that fill a batch up: no other kernel attends to them."""
+    def forward(self, features: Tensor, kernels: Tensor, mask_logits: Tensor, padding: Optional[Tensor] = None,
+                attn_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """``padding`` (B, N), True for kernels that fill a batch up: no other kernel attends to them;
+        ``attn_mask`` (N, N), True where kernel i may not attend to kernel j (groups kept apart)."""
         features = self.feat_transform(features)
         if mask_logits.shape[-2:] != features.shape[-2:]:
             mask_logits = nn.functional.interpolate(mask_logits, features.shape[-2:], mode='bilinear',
@@ -144,7 +145,8 @@ class KernelUpdateHead(BaseModule):
             group_feats = torch.einsum('bnhw,bchw->bnc', hard_masks, features)
         kernels = self.kernel_updator(group_feats, kernels)
         # Interact: kernels attend to each other, e.g. to suppress duplicates of one instance.
-        attended = self.attention(kernels, kernels, kernels, key_padding_mask=padding, need_weights=False)[0]
+        attended = self.attention(kernels, kernels, kernels, key_padding_mask=padding, attn_mask=attn_mask,
+                                  need_weights=False)[0]
         kernels = self.attention_norm(kernels + attended)
         kernels = self.ffn_norm(kernels + self.ffn(kernels))
         cls_logits = self.fc_cls(self.cls_fcs(kernels))
