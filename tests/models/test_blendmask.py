@@ -15,6 +15,7 @@ from instseg.config import to_mmengine
 from instseg.models import build_model
 from instseg.models.blendmask import BlendMask
 from instseg.models.blendmask.blender import blend, blend_loss, crop_bases
+from instseg.models.blendmask.mask_head import semantic_targets
 
 # Narrow enough for a few seconds on CPU; GN's 32 groups need FPN widths that are multiples of 32.
 TINY = ['model.backbone.base_channels=8', 'model.neck.out_channels=32', 'model.bbox_head.stacked_convs=1',
@@ -115,6 +116,20 @@ def test_loss_mode_with_an_image_without_ground_truth():
     top_grad = model.bbox_head.top_layer.weight.grad
     assert basis_grad is not None and basis_grad.abs().sum() > 0
     assert top_grad is not None and top_grad.abs().sum() > 0
+
+
+def test_semantic_targets_paint_the_later_instance_where_masks_overlap():
+    masks = np.zeros((2, 8, 8), dtype=np.uint8)
+    masks[0, :4, :4] = 1
+    masks[1, 2:6, 2:6] = 1
+    gt = InstanceData(labels=torch.tensor([3, 1]), masks=BitmapMasks(masks, 8, 8))
+    empty = InstanceData(labels=torch.zeros(0, dtype=torch.long), masks=BitmapMasks(np.zeros((0, 8, 8), np.uint8), 8, 8))
+    maps = semantic_targets([gt, empty], (8, 8))
+    expected = torch.zeros(8, 8, dtype=torch.long)
+    expected[:4, :4] = 4        # label 3 + 1
+    expected[2:6, 2:6] = 2      # the later instance (label 1) where they overlap
+    assert torch.equal(maps[0], expected) and not maps[1].any()
+    assert semantic_targets([gt], (4, 4))[0].tolist()[0] == [4, 4, 0, 0]  # nearest-downsampled
 
 
 def test_semantic_loss_switches_off():

@@ -115,11 +115,11 @@ def semantic_targets(batch_gt_instances: List[InstanceData], size) -> Tensor:
     maps = []
     for gt in batch_gt_instances:
         masks = gt.masks.to_tensor(dtype=torch.bool, device=gt.labels.device)
-        canvas = masks.new_zeros(masks.shape[-2:], dtype=torch.long)
         if len(masks):
             order = torch.arange(1, len(masks) + 1, device=masks.device)[:, None, None]
-            last = (masks * order).argmax(dim=0)  # the last instance covering each pixel
-            canvas = torch.where(masks.any(dim=0), gt.labels[last] + 1, canvas)
-        maps.append(canvas)
+            last = (masks * order).amax(dim=0)  # the last instance covering each pixel (1-based), 0: none
+            maps.append(torch.cat([gt.labels.new_zeros(1), gt.labels + 1])[last])  # (argmax: 6x slower)
+        else:
+            maps.append(masks.new_zeros(masks.shape[-2:], dtype=torch.long))
     maps = torch.stack(maps)[:, None].float()
     return F.interpolate(maps, size=tuple(size), mode='nearest')[:, 0].long()
