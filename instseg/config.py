@@ -269,10 +269,15 @@ def _check_paramwise(paramwise) -> None:
         raise ConfigError(f'{where}.custom_keys: expected a mapping of parameter-name parts to '
                           f'{{lr_mult, decay_mult}}, got {custom!r}')
     for name, mults in custom.items():
-        bad = sorted(set(mults) - set(CUSTOM_KEY_MULTS)) if isinstance(mults, dict) else [repr(mults)]
+        if not isinstance(mults, dict):
+            raise ConfigError(f'{where}.custom_keys.{name}: expected a mapping such as {{lr_mult: 0.25}}, got {mults!r}')
+        bad = sorted(set(mults) - set(CUSTOM_KEY_MULTS))
         if bad:
             raise ConfigError(f"{where}.custom_keys.{name}: unknown key '{bad[0]}'; valid keys: "
                               f"{', '.join(CUSTOM_KEY_MULTS)}")
+        for key, value in mults.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f'{where}.custom_keys.{name}.{key}: expected a number, got {value!r}')
 
 
 def _optimizer(optimizer: dict) -> dict:

@@ -45,6 +45,10 @@ def test_custom_keys_and_norm_decay_reach_the_parameter_groups():
     ('{bias_lr: 2}', "schedule.paramwise_cfg: unknown key 'bias_lr'; valid keys: custom_keys,"),
     ('{custom_keys: {backbone: {lr: 0.1}}}',
      "schedule.paramwise_cfg.custom_keys.backbone: unknown key 'lr'; valid keys: lr_mult, decay_mult"),
+    ('{custom_keys: {backbone: 0.25}}',
+     'schedule.paramwise_cfg.custom_keys.backbone: expected a mapping such as {lr_mult: 0.25}, got 0.25'),
+    ('{custom_keys: {backbone: {lr_mult: fast}}}',
+     "schedule.paramwise_cfg.custom_keys.backbone.lr_mult: expected a number, got 'fast'"),
 ])
 def test_bad_paramwise_cfg_fails_in_one_line(paramwise, message):
     with pytest.raises(ConfigError) as info:
