@@ -70,8 +70,8 @@ class KernelIterHead(BaseModule):
         matches = match(self.assigner, mask_logits, None, gts, self.mask_head[0].num_classes)
         padding = attn_mask = None
         if self.denoising_weight > 0:  # the group runs beside the kernels, in its own attention block
-            group = self._denoising_group(kernels, matches, gts, mask_logits.shape[-2:])
-            group_kernels, group_logits, group_padding, group_matches = group
+            group_kernels, group_logits, group_padding, group_matches = self._denoising_group(
+                kernels, matches, gts, mask_logits.shape[-2:])
             kernels, mask_logits = torch.cat([kernels, group_kernels], 1), torch.cat([mask_logits, group_logits], 1)
             padding = torch.cat([group_padding.new_zeros(len(gts), num_kernels), group_padding], 1)
             in_group = torch.arange(kernels.shape[1], device=kernels.device) >= num_kernels
@@ -84,7 +84,7 @@ class KernelIterHead(BaseModule):
             for name, value in head.loss(cls_logits[:, :num_kernels], mask_logits[:, :num_kernels],
                                          matches, gts).items():
                 losses[f's{stage}_{name}'] = value * weight
-            if padding is not None:
+            if self.denoising_weight > 0:
                 for name, value in head.loss(cls_logits[:, num_kernels:], mask_logits[:, num_kernels:],
                                              group_matches, gts).items():
                     losses[f's{stage}_dn_{name}'] = value * weight * self.denoising_weight
