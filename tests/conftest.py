@@ -60,6 +60,23 @@ def det_sample(boxes, labels, size: int = 64, ori_shape=None, num_semantic_class
     return sample
 
 
+def built_optim_wrapper(model, *overrides: str):
+    """The optimizer wrapper ``tools/train.py *overrides`` would build for ``model``."""
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import init_default_scope
+
+    from instseg.cli import compose
+    from instseg.config import to_mmengine
+
+    init_default_scope('instseg')
+    return build_optim_wrapper(model, to_mmengine(compose('train', list(overrides))).optim_wrapper)
+
+
+def param_group_of(wrapper, param) -> dict:
+    """The optimizer's parameter group that holds ``param``."""
+    return next(g for g in wrapper.optimizer.param_groups if any(p is param for p in g['params']))
+
+
 @pytest.fixture
 def one_thread():
     """Toy tensors gain nothing from threads; beside a training run, contention makes them ~20x slower."""

@@ -1,6 +1,5 @@
 import pytest
-from mmengine.optim import build_optim_wrapper
-from mmengine.registry import init_default_scope
+from conftest import built_optim_wrapper, param_group_of
 from torch import nn
 
 from instseg.cli import compose
@@ -16,13 +15,11 @@ class TwoParts(nn.Module):
 
 
 def _optim_wrapper(*overrides, model=None):
-    init_default_scope('instseg')
-    cfg = to_mmengine(compose('train', list(overrides))).optim_wrapper
-    return build_optim_wrapper(model or TwoParts(), cfg)
+    return built_optim_wrapper(model or TwoParts(), *overrides)
 
 
 def _lr_and_decay(wrapper, param):
-    group = next(g for g in wrapper.optimizer.param_groups if any(p is param for p in g['params']))
+    group = param_group_of(wrapper, param)
     return group['lr'], group['weight_decay']
 
 

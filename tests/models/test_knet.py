@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import run_tool
+from conftest import built_optim_wrapper, param_group_of, run_tool
 from mmdet.structures import DetDataSample
 from mmdet.structures.mask import BitmapMasks
 from mmengine.registry import init_default_scope
@@ -337,16 +337,12 @@ def test_builds_through_the_registry_with_the_cpu_fit():
 
 
 def test_the_split_lr_of_the_docs_gives_the_backbone_4x_the_update_stages_lr():
-    from mmengine.optim import build_optim_wrapper
-    from mmengine.registry import init_default_scope
-    cfg = compose('train', ['model=knet', 'schedule.paramwise_cfg={custom_keys: {backbone: {lr_mult: 4.0}, '
-                            'neck: {lr_mult: 4.0}, rpn_head: {lr_mult: 4.0}}}'])  # docs/knet_cpu.md
-    model = build_model(cfg)
-    init_default_scope('instseg')
-    wrapper = build_optim_wrapper(model, to_mmengine(cfg).optim_wrapper)
-    lr_of = {id(p): g['lr'] for g in wrapper.optimizer.param_groups for p in g['params']}
+    split_lr = ('schedule.paramwise_cfg={custom_keys: {backbone: {lr_mult: 4.0}, neck: {lr_mult: 4.0}, '
+                'rpn_head: {lr_mult: 4.0}}}')  # docs/knet_cpu.md
+    model = build_model(compose('train', ['model=knet', split_lr]))
+    wrapper = built_optim_wrapper(model, 'model=knet', split_lr)
     for part, lr in ((model.backbone, 2e-3), (model.neck, 2e-3), (model.rpn_head, 2e-3), (model.roi_head, 5e-4)):
-        lrs = {lr_of[id(p)] for p in part.parameters()}
+        lrs = {param_group_of(wrapper, p)['lr'] for p in part.parameters()}
         assert len(lrs) == 1 and lrs.pop() == pytest.approx(lr)
 
 
