@@ -118,6 +118,18 @@ def test_loss_mode_with_an_image_without_ground_truth():
     assert top_grad is not None and top_grad.abs().sum() > 0
 
 
+def test_top_layer_at_given_locations_equals_the_conv_there():
+    head = tiny_model().bbox_head
+    torch.nn.init.normal_(head.top_layer.weight)  # the normal(0.01) init would pass a wrong window too
+    torch.nn.init.normal_(head.top_layer.bias)
+    towers = [torch.randn(3, head.feat_channels, h, w) for h, w in [(6, 5), (3, 3), (2, 1)]]
+    everywhere = torch.cat([head.top_layer(t).flatten(2).transpose(1, 2) for t in towers], 1)  # (B, points, K*M*M)
+    image = torch.tensor([0, 2, 1, 1, 0, 2, 1])
+    point = torch.tensor([0, 4, 29, 30, 38, 40, 17])  # level 0's corners and an inner point, level 1's ends, level 2's last
+    assert torch.allclose(head.top_layer_at(towers, image, point), everywhere[image, point], atol=1e-4)
+    assert head.top_layer_at(towers, image[:0], point[:0]).shape == (0, everywhere.shape[-1])
+
+
 def test_semantic_targets_paint_the_later_instance_where_masks_overlap():
     masks = np.zeros((2, 8, 8), dtype=np.uint8)
     masks[0, :4, :4] = 1

@@ -9,6 +9,7 @@ from typing import List, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from mmdet.models.dense_heads import FCOSHead
 from mmdet.models.utils import filter_scores_and_topk, select_single_mlvl
 from mmengine.structures import InstanceData
@@ -43,7 +44,8 @@ class BlendMaskBboxHead(FCOSHead):
         self.top_layer = nn.Conv2d(self.feat_channels, self.num_bases * self.attention_size ** 2, 3, padding=1)
 
     def forward_single(self, x: Tensor, scale: nn.Module, stride: int) -> Tuple[Tensor, ...]:
-        """FCOS's outputs of one level and the attentions (B, K * M * M, H, W) from the box tower."""
+        """FCOS's outputs of one level and the box tower's features (B, C, H, W), from which the top
+        layer predicts attentions where they are used (``top_layer_at``, ``predict_by_feat``)."""
         cls_score, bbox_pred, cls_feat, reg_feat = super(FCOSHead, self).forward_single(x)
         centerness = self.conv_centerness(reg_feat if self.centerness_on_reg else cls_feat)
         bbox_pred = scale(bbox_pred).float()
@@ -53,23 +55,44 @@ class BlendMaskBboxHead(FCOSHead):
                 bbox_pred = bbox_pred * stride
         else:
             bbox_pred = bbox_pred.exp()
-        return cls_score, bbox_pred, centerness, self.top_layer(reg_feat)
+        return cls_score, bbox_pred, centerness, reg_feat
+
+    def top_layer_at(self, towers: List[Tensor], image: Tensor, point: Tensor) -> Tensor:
+        """The top layer's attentions (N, K * M * M) at N locations, each given by its image and its
+        index into the levels' concatenated points (row-major per level: the targets' order). The 3x3
+        conv is applied at those locations only: training uses a few dozen of them, and the conv at
+        every location was a tenth of a CPU iteration."""
+        sizes = torch.tensor([t.shape[-2:] for t in towers], device=point.device)  # (L, 2): H, W per level
+        first_point = F.pad(sizes.prod(1).cumsum(0), (1, 0))[:-1]
+        level = torch.searchsorted(first_point, point, right=True) - 1
+        local = point - first_point[level]
+        y = local.div(sizes[level, 1], rounding_mode='floor')
+        x = local - y * sizes[level, 1]
+        # each location's 3x3 window in the levels' towers, zero-padded by 1 and flattened side by side
+        row = sizes[level, 1, None] + 2
+        first_padded = F.pad((sizes + 2).prod(1).cumsum(0), (1, 0))[:-1]
+        shifts = torch.arange(-1, 2, device=point.device)
+        window = (first_padded[level, None] + (y[:, None] + 1) * row + x[:, None] + 1 +
+                  (shifts[:, None] * row[:, :, None] + shifts).flatten(1))  # (N, 9), row-major like the kernel
+        padded = torch.cat([F.pad(t, (1, 1, 1, 1)).flatten(2) for t in towers], 2)
+        windows = padded[image[:, None], :, window]  # (N, 9, C)
+        return F.linear(windows.transpose(1, 2).flatten(1), self.top_layer.weight.flatten(1), self.top_layer.bias)
 
     # ------------------------------------------------------------------ training
     def loss_by_feat(self, cls_scores: List[Tensor], bbox_preds: List[Tensor], centernesses: List[Tensor],
-                     attentions: List[Tensor], batch_gt_instances, batch_img_metas,
+                     towers: List[Tensor], batch_gt_instances, batch_img_metas,
                      batch_gt_instances_ignore=None) -> dict:
         """FCOS's losses; keeps each image's positive locations for the mask head."""
         self._assignments = []  # filled per image by _get_targets_single, through get_targets
         losses = super().loss_by_feat(cls_scores, bbox_preds, centernesses, batch_gt_instances,
                                       batch_img_metas, batch_gt_instances_ignore)
-        num_imgs = cls_scores[0].size(0)
-        flat_attentions = torch.cat([a.permute(0, 2, 3, 1).reshape(num_imgs, -1, a.size(1)) for a in attentions], 1)
+        image, point = torch.stack([gt_inds for gt_inds, _ in self._assignments]).ge(0).nonzero().unbind(1)
+        attentions = self.top_layer_at(towers, image, point).split(image.bincount(minlength=len(towers[0])).tolist())
         self._positive_infos = []
         for img, (gt_inds, bbox_targets) in enumerate(self._assignments):
             positive = gt_inds >= 0
             info = InstanceData()
-            info.attentions = flat_attentions[img][positive]
+            info.attentions = attentions[img]
             info.pos_assigned_gt_inds = gt_inds[positive]
             # AdelaiDet weights each positive's mask loss by its centerness target.
             info.centerness_targets = self.centerness_target(bbox_targets[positive])
@@ -116,10 +139,11 @@ class BlendMaskBboxHead(FCOSHead):
 
     # ------------------------------------------------------------------ inference
     def predict_by_feat(self, cls_scores: List[Tensor], bbox_preds: List[Tensor], centernesses: List[Tensor],
-                        attentions: List[Tensor], batch_img_metas: List[dict], cfg=None,
+                        towers: List[Tensor], batch_img_metas: List[dict], cfg=None,
                         rescale: bool = False, with_nms: bool = True) -> List[InstanceData]:
         """Per image: bboxes, scores, labels and each detection's attentions (for the mask head)."""
         cfg = self.test_cfg if cfg is None else cfg
+        attentions = [self.top_layer(tower) for tower in towers]
         points = self.prior_generator.grid_priors([c.shape[-2:] for c in cls_scores], dtype=bbox_preds[0].dtype,
                                                   device=bbox_preds[0].device)
         results_list = []
