@@ -336,14 +336,14 @@ def test_builds_through_the_registry_with_the_cpu_fit():
         max_per_img=100, mask_thr=0.5, mask_score=False, upsample_logits=False, nms=None)
 
 
-def test_the_split_lr_of_the_docs_gives_the_backbone_4x_the_update_stages_lr():
-    split_lr = ('schedule.paramwise_cfg={custom_keys: {backbone: {lr_mult: 4.0}, neck: {lr_mult: 4.0}, '
-                'rpn_head: {lr_mult: 4.0}}}')  # docs/knet_cpu.md
-    model = build_model(compose('train', ['model=knet', split_lr]))
-    wrapper = built_optim_wrapper(model, 'model=knet', split_lr)
+def test_the_cpu_schedule_gives_the_feature_parts_4x_the_update_stages_lr():
+    model = build_model(compose('train', ['model=knet']))
+    wrapper = built_optim_wrapper(model, 'model=knet')
     for part, lr in ((model.backbone, 2e-3), (model.neck, 2e-3), (model.rpn_head, 2e-3), (model.roi_head, 5e-4)):
         lrs = {param_group_of(wrapper, p)['lr'] for p in part.parameters()}
         assert len(lrs) == 1 and lrs.pop() == pytest.approx(lr)
+    # the paper schedules keep the reference's multipliers (test_recipes_follow_the_reference_schedule)
+    assert compose('train', ['model=knet', 'schedule=1x']).schedule.paramwise_cfg is None
 
 
 def test_recipes_follow_the_reference_schedule():
