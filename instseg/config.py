@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
+import inspect
 import os
 from pathlib import Path
 
@@ -281,8 +282,28 @@ def _check_paramwise(paramwise) -> None:
 
 
 def _optimizer(optimizer: dict) -> dict:
-    """A null removes a key: a recipe that swaps SGD for AdamW writes ``momentum: null``."""
-    return {k: v for k, v in optimizer.items() if v is not None}
+    """A null removes a key: a recipe that swaps SGD for AdamW writes ``momentum: null``. An argument
+    the optimizer does not take (``fused`` or ``momentum`` left from another type) fails here, in one line."""
+    optimizer = {k: v for k, v in optimizer.items() if v is not None}
+    cls = _registered_class(optimizer.get('type'), 'OPTIMIZERS')
+    if isinstance(cls, type):
+        params = inspect.signature(cls.__init__).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            valid = [name for name in params if name not in ('self', 'params')]
+            for key in optimizer:
+                if key != 'type' and key not in valid:
+                    raise ConfigError(f'schedule.optimizer.{key}: {optimizer["type"]} takes no such argument '
+                                      f'(valid: {", ".join(valid)}); schedule.optimizer.{key}=null removes it')
+    return optimizer
+
+
+def _registered_class(name, registry: str):
+    """The class a plain ``type`` name builds from mmengine's registry of that name, else None
+    (dotted names are never looked up: mmengine would import them; check_buildable refuses them)."""
+    if not isinstance(name, str) or '.' in name:
+        return name if isinstance(name, type) else None
+    import mmengine.registry
+    return getattr(mmengine.registry, registry).get(name)
 
 
 def _param_schedulers(s) -> list:

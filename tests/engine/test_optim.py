@@ -53,6 +53,16 @@ def test_bad_paramwise_cfg_fails_in_one_line(paramwise, message):
     assert message in str(info.value) and '\n' not in str(info.value)
 
 
+def test_an_argument_the_optimizer_does_not_take_fails_in_one_line():
+    cfg = compose('train', ['schedule.optimizer.type=RMSprop'])  # the CPU schedule's AdamW is fused
+    with pytest.raises(ConfigError, match=r'^schedule\.optimizer\.fused: RMSprop takes no such argument '
+                                          r'\(valid: lr, alpha, eps, .*\); schedule\.optimizer\.fused=null removes it$'):
+        to_mmengine(cfg)
+    assert 'fused' not in to_mmengine(compose('train', ['schedule.optimizer.type=RMSprop',
+                                                        'schedule.optimizer.fused=null'])).optim_wrapper.optimizer
+    assert to_mmengine(compose('train', ['schedule.optimizer.type=SGD'])).optim_wrapper.optimizer['fused']
+
+
 def test_a_custom_key_matching_no_parameter_is_refused():
     with pytest.raises(ConfigError) as info:
         _optim_wrapper('schedule.paramwise_cfg={custom_keys: {bakbone: {lr_mult: 0.25}}}')
