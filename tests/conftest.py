@@ -24,6 +24,12 @@ def shared(name: str) -> Path:
     return path
 
 
+def cpu_schedule_file(model: str):
+    """A model's own changes to the CPU schedule, as written in configs/schedule/model/cpu_<model>.yaml."""
+    from omegaconf import OmegaConf
+    return OmegaConf.load(REPO / 'configs' / 'schedule' / 'model' / f'cpu_{model}.yaml')
+
+
 def run_tool(tool: str, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     """Runs tools/<tool>.py as a user would, from the repository root."""
     proc = subprocess.run([sys.executable, str(REPO / 'tools' / f'{tool}.py'), *args], cwd=REPO,
