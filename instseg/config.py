@@ -285,25 +285,18 @@ def _optimizer(optimizer: dict) -> dict:
     """A null removes a key: a recipe that swaps SGD for AdamW writes ``momentum: null``. An argument
     the optimizer does not take (``fused`` or ``momentum`` left from another type) fails here, in one line."""
     optimizer = {k: v for k, v in optimizer.items() if v is not None}
-    cls = _registered_class(optimizer.get('type'), 'OPTIMIZERS')
-    if isinstance(cls, type):
-        params = inspect.signature(cls.__init__).parameters
-        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            valid = [name for name in params if name not in ('self', 'params')]
+    name = optimizer.get('type')
+    if isinstance(name, str) and '.' not in name:  # dotted names are never looked up: mmengine would import them
+        from instseg.registry import OPTIMIZERS
+        cls = OPTIMIZERS.get(name)  # the class the build will use (instseg's scope, then its parents')
+        params = inspect.signature(cls.__init__).parameters if isinstance(cls, type) else {}
+        if params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            valid = [arg for arg in params if arg not in ('self', 'params')]
             for key in optimizer:
                 if key != 'type' and key not in valid:
-                    raise ConfigError(f'schedule.optimizer.{key}: {optimizer["type"]} takes no such argument '
+                    raise ConfigError(f'schedule.optimizer.{key}: {name} takes no such argument '
                                       f'(valid: {", ".join(valid)}); schedule.optimizer.{key}=null removes it')
     return optimizer
-
-
-def _registered_class(name, registry: str):
-    """The class a plain ``type`` name builds from mmengine's registry of that name, else None
-    (dotted names are never looked up: mmengine would import them; check_buildable refuses them)."""
-    if not isinstance(name, str) or '.' in name:
-        return name if isinstance(name, type) else None
-    import mmengine.registry
-    return getattr(mmengine.registry, registry).get(name)
 
 
 def _param_schedulers(s) -> list:

@@ -86,13 +86,13 @@ class BlendMaskBboxHead(FCOSHead):
         self._assignments = []  # filled per image by _get_targets_single, through get_targets
         losses = super().loss_by_feat(cls_scores, bbox_preds, centernesses, batch_gt_instances,
                                       batch_img_metas, batch_gt_instances_ignore)
-        image, point = torch.stack([gt_inds for gt_inds, _ in self._assignments]).ge(0).nonzero().unbind(1)
-        attentions = self.top_layer_at(towers, image, point).split(image.bincount(minlength=len(towers[0])).tolist())
+        positives = torch.stack([gt_inds for gt_inds, _ in self._assignments]) >= 0  # (B, points)
+        image, point = positives.nonzero().unbind(1)
+        attentions = self.top_layer_at(towers, image, point).split(positives.sum(1).tolist())
         self._positive_infos = []
-        for img, (gt_inds, bbox_targets) in enumerate(self._assignments):
-            positive = gt_inds >= 0
+        for (gt_inds, bbox_targets), positive, img_attentions in zip(self._assignments, positives, attentions):
             info = InstanceData()
-            info.attentions = attentions[img]
+            info.attentions = img_attentions
             info.pos_assigned_gt_inds = gt_inds[positive]
             # AdelaiDet weights each positive's mask loss by its centerness target.
             info.centerness_targets = self.centerness_target(bbox_targets[positive])
