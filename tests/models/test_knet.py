@@ -225,6 +225,11 @@ def test_denoising_group_learns_each_gt_from_its_own_mask_and_leaves_the_rest_al
     assert padding.tolist() == [[False, False], [False, True]]
     assert [m[0].tolist() for m in group_matches] == [[0, 1], []] and group_matches[0][1].tolist() == [1, 0]
     assert model.roi_head._denoising_group(kernels, matches, [gt, gt[:0]], (4, 4))[1].shape == (2, 2, 4, 4)
+    # one-to-many matching gives a GT several kernels: the group has one per GT, its first
+    many = [(torch.tensor([0, 1, 2, 3]), torch.tensor([1, 0, 1, 0])), matches[1]]
+    group_kernels, _, padding, group_matches = model.roi_head._denoising_group(kernels, many, [gt, gt[:0]], (8, 8))
+    assert torch.equal(group_kernels[0], kernels[0, [0, 1]]) and group_matches[0][1].tolist() == [1, 0]
+    assert padding.shape == (2, 2)
 
 
 def test_predict_gives_masks_at_the_original_size_and_boxes_enclosing_them():

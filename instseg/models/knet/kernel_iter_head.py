@@ -32,16 +32,28 @@ def mask_score(probs: Tensor, masks: Tensor) -> Tensor:
     return (probs.flatten(1) * inside).sum(1) / inside.sum(1).clamp(min=1.0)
 
 
+def _first_per_gt(match: Match) -> Match:
+    """The pairs of a matching whose GT has no earlier pair: one per GT (one-to-many matching gives a GT
+    several kernels), in the matching's order."""
+    pred_inds, gt_inds = match
+    order = torch.argsort(gt_inds, stable=True)
+    first = torch.ones_like(gt_inds, dtype=torch.bool)
+    first[1:] = gt_inds[order][1:] != gt_inds[order][:-1]
+    keep = order[first].sort().values
+    return pred_inds[keep], gt_inds[keep]
+
+
 @MODELS.register_module()
 class KernelIterHead(BaseModule):
     """``num_stages`` KernelUpdateHeads (``mask_head``: one config for all, or a list of one per stage).
 
     ``denoising_weight`` > 0 (the reference has none: 0) adds, in training only, one more group of
-    kernels per image, one per matched pair of the first stage (so one per GT, or up to num_copies per
-    GT with one-to-many matching): the matched kernel, grouping features under the GT mask itself
-    in the first stage, then under its own masks, its targets fixed (no matching), its losses weighted
-    so. As DN-DETR's denoising queries, it gives the class a clean target from the first iteration, on
-    features grouped exactly under each object, while the matching is still unstable."""
+    kernels per image, one per GT: its first matched kernel of the first stage (one of up to num_copies
+    with one-to-many matching: one per pair was 3x the kernels, 25 % of an iteration), grouping features
+    under the GT mask itself in the first stage, then under its own masks, its targets fixed (no
+    matching), its losses weighted so. As DN-DETR's denoising queries, it gives the class a clean
+    target from the first iteration, on features grouped exactly under each object, while the matching
+    is still unstable."""
 
     def __init__(self, mask_head, num_stages: int = 3, stage_loss_weights: Optional[List[float]] = None,
                  denoising_weight: float = 0.0, train_cfg=None, test_cfg=None, init_cfg=None) -> None:
@@ -98,6 +110,7 @@ class KernelIterHead(BaseModule):
         matching: its kernels (B, G, C), its first masks as logits of size ``size`` (positive exactly
         inside each GT mask before resizing), its padding (B, G) and its fixed matching."""
         batch, _, channels = kernels.shape
+        matches = [_first_per_gt(m) for m in matches]
         group = max(1, max(len(p) for p, _ in matches))
         group_kernels = kernels.new_zeros(batch, group, channels)
         mask_logits = kernels.new_full((batch, group, *gts[0].masks.shape[-2:]), -10.0)
