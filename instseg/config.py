@@ -181,7 +181,8 @@ def to_mmengine(cfg: DictConfig, *, mode: str = 'train', checkpoint: str | None 
             visualization=dict(type='DetVisualizationHook')),
         custom_hooks=[dict(type='RNGStateHook'), dict(type='MetricsFileHook'), dict(type='NonFiniteLossHook'),
                       # load_from may fine-tune to other classes; a tested checkpoint must fit exactly
-                      dict(type='CheckpointMatchHook', partial_load_from=mode == 'train')],
+                      dict(type='CheckpointMatchHook', partial_load_from=mode == 'train'),
+                      *_ema_hooks(schedule)],
         log_processor=dict(type='LogProcessor', window_size=runtime['log_interval'], by_epoch=by_epoch),
         visualizer=dict(type='DetLocalVisualizer', vis_backends=(
             [dict(type='LocalVisBackend')] + ([dict(type='TensorboardVisBackend')] if runtime['tensorboard'] else []))),
@@ -297,6 +298,24 @@ def _optimizer(optimizer: dict) -> dict:
                     raise ConfigError(f'schedule.optimizer.{key}: {name} takes no such argument '
                                       f'(valid: {", ".join(valid)}); schedule.optimizer.{key}=null removes it')
     return optimizer
+
+
+def _ema_hooks(s) -> list:
+    """mmengine's EMAHook when ``schedule.ema`` is set: validation, test and the saved ``state_dict`` use
+    the averaged weights (the raw ones are kept beside them, for resuming). ExpMomentumEMA (YOLOX's,
+    RTMDet's) follows the weights closely early on, its momentum decaying to ``momentum`` over ~gamma steps."""
+    ema = s.get('ema')
+    if not ema:
+        return []
+    args = dict(ema)
+    momentum = args.pop('momentum', None)
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 < momentum < 1:
+        raise ConfigError(f'schedule.ema.momentum: expected a number in (0, 1), got {momentum!r}')
+    gamma = args.pop('gamma', 2000)
+    if args:
+        raise ConfigError(f'schedule.ema: unknown key(s) {", ".join(args)} (valid: momentum, gamma)')
+    return [dict(type='EMAHook', ema_type='ExpMomentumEMA', momentum=momentum, gamma=gamma,
+                 update_buffers=True, priority=49)]
 
 
 def _param_schedulers(s) -> list:

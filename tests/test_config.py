@@ -1,4 +1,6 @@
 """Composition (Hydra's compose API) and translation to mmengine's config."""
+import re
+
 import pytest
 from conftest import cpu_schedule_file, shared
 from omegaconf import OmegaConf
@@ -94,6 +96,18 @@ def test_bad_overrides_fail_with_one_line(overrides, message):
     with pytest.raises(ConfigError) as info:
         compose('test' if 'format_only=true' in overrides else 'train', overrides)
     assert message in str(info.value) and '\n' not in str(info.value)
+
+
+def test_ema_is_a_schedule_option():
+    assert not any(h['type'] == 'EMAHook' for h in to_mmengine(compose('train')).custom_hooks)
+    hooks = to_mmengine(compose('train', ['schedule.ema={momentum: 0.001}'])).custom_hooks
+    assert hooks[-1] == dict(type='EMAHook', ema_type='ExpMomentumEMA', momentum=0.001, gamma=2000,
+                             update_buffers=True, priority=49)
+    from instseg.errors import ConfigError
+    for bad, message in [('{momentum: 2}', 'schedule.ema.momentum: expected a number in (0, 1), got 2'),
+                         ('{momentum: 0.001, decay: 1}', 'schedule.ema: unknown key(s) decay (valid: momentum, gamma)')]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            to_mmengine(compose('train', [f'schedule.ema={bad}']))
 
 
 def test_a_run_shorter_than_the_warmup_warms_up_throughout():

@@ -88,6 +88,19 @@ def test_resume_continues_from_the_last_checkpoint(run_dir, tmp_path):
     assert (resumed / 'iter_4.pth').is_file()
 
 
+def test_ema_run_evaluates_and_saves_the_averaged_weights(tmp_path):
+    import torch
+    work_dir, out = tmp_path / 'ema', tmp_path / 'test'
+    run_tool('train', *SMOKE, *SMALL_SYNTHETIC, f'work_dir={work_dir}', 'schedule.ema={momentum: 0.5, gamma: 1}')
+    checkpoint = torch.load(work_dir / 'iter_4.pth', map_location='cpu', weights_only=False)
+    raw = {k[len('module.'):]: v for k, v in checkpoint['ema_state_dict'].items() if k.startswith('module.')}
+    averaged = checkpoint['state_dict']
+    assert raw.keys() == averaged.keys()
+    assert not torch.equal(raw['backbone.conv1.weight'], averaged['backbone.conv1.weight'])
+    run_tool('test', f'checkpoint={work_dir / "iter_4.pth"}', f'work_dir={out}')  # the averaged weights again
+    assert _metrics(out / 'metrics.json')['segm'] == _metrics(work_dir / 'metrics.json')['segm']
+
+
 def test_existing_run_is_never_overwritten(run_dir):
     work_dir, _ = run_dir
     before = (work_dir / 'iter_4.pth').stat().st_mtime
