@@ -278,7 +278,7 @@ def _check_paramwise(paramwise) -> None:
             raise ConfigError(f"{where}.custom_keys.{name}: unknown key '{bad[0]}'; valid keys: "
                               f"{', '.join(CUSTOM_KEY_MULTS)}")
         for key, value in mults.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if not _is_number(value):
                 raise ConfigError(f'{where}.custom_keys.{name}.{key}: expected a number, got {value!r}')
 
 
@@ -304,18 +304,25 @@ def _ema_hooks(s) -> list:
     """mmengine's EMAHook when ``schedule.ema`` is set: validation, test and the saved ``state_dict`` use
     the averaged weights (the raw ones are kept beside them, for resuming). ExpMomentumEMA (YOLOX's,
     RTMDet's) follows the weights closely early on, its momentum decaying to ``momentum`` over ~gamma steps."""
-    ema = s.get('ema')
+    ema = s.get('ema')  # runs saved before the key have none
     if not ema:
         return []
-    args = dict(ema)
-    momentum = args.pop('momentum', None)
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 < momentum < 1:
+    if not isinstance(ema, dict):
+        raise ConfigError(f'schedule.ema: expected a mapping such as {{momentum: 0.001}}, got {ema!r}')
+    unknown = sorted(set(ema) - {'momentum', 'gamma'})
+    if unknown:
+        raise ConfigError(f'schedule.ema: unknown key(s) {", ".join(unknown)} (valid: momentum, gamma)')
+    momentum, gamma = ema.get('momentum'), ema.get('gamma', 2000)
+    if not _is_number(momentum) or not 0 < momentum < 1:
         raise ConfigError(f'schedule.ema.momentum: expected a number in (0, 1), got {momentum!r}')
-    gamma = args.pop('gamma', 2000)
-    if args:
-        raise ConfigError(f'schedule.ema: unknown key(s) {", ".join(args)} (valid: momentum, gamma)')
+    if not _is_number(gamma) or gamma <= 0:
+        raise ConfigError(f'schedule.ema.gamma: expected a positive number, got {gamma!r}')
     return [dict(type='EMAHook', ema_type='ExpMomentumEMA', momentum=momentum, gamma=gamma,
                  update_buffers=True, priority=49)]
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # YAML's true is an int to Python
 
 
 def _param_schedulers(s) -> list:

@@ -105,7 +105,9 @@ def test_ema_is_a_schedule_option():
                              update_buffers=True, priority=49)
     from instseg.errors import ConfigError
     for bad, message in [('{momentum: 2}', 'schedule.ema.momentum: expected a number in (0, 1), got 2'),
-                         ('{momentum: 0.001, decay: 1}', 'schedule.ema: unknown key(s) decay (valid: momentum, gamma)')]:
+                         ('{momentum: 0.001, decay: 1}', 'schedule.ema: unknown key(s) decay (valid: momentum, gamma)'),
+                         ('0.001', 'schedule.ema: expected a mapping such as {momentum: 0.001}, got 0.001'),
+                         ('{momentum: 0.001, gamma: 0}', 'schedule.ema.gamma: expected a positive number, got 0')]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             to_mmengine(compose('train', [f'schedule.ema={bad}']))
 
