@@ -182,6 +182,7 @@ def to_mmengine(cfg: DictConfig, *, mode: str = 'train', checkpoint: str | None 
         custom_hooks=[dict(type='RNGStateHook'), dict(type='MetricsFileHook'), dict(type='NonFiniteLossHook'),
                       # load_from may fine-tune to other classes; a tested checkpoint must fit exactly
                       dict(type='CheckpointMatchHook', partial_load_from=mode == 'train'),
+                      dict(type='MergedParamGroupsHook'),  # resumes runs saved before the groups were merged
                       *_ema_hooks(schedule)],
         log_processor=dict(type='LogProcessor', window_size=runtime['log_interval'], by_epoch=by_epoch),
         visualizer=dict(type='DetLocalVisualizer', vis_backends=(

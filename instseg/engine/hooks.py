@@ -24,6 +24,7 @@ from instseg.config import COCO_STAT_NAMES
 from instseg.engine.checkpoint import (CheckpointLoadError, CheckpointSaveError, mismatched_keys, publish,
                                        temporary_path, write_atomically)
 from instseg.engine.loops import batches_into_epoch
+from instseg.engine.optim import merge_saved_param_groups
 from instseg.registry import HOOKS
 
 
@@ -379,6 +380,19 @@ class CheckpointMatchHook(Hook):
         raise CheckpointLoadError(f'checkpoint {path} was saved from another model than this config builds: '
                                   + ', '.join(p for p in parts if p) +
                                   '; the config must match the run that saved it (its config.yaml)')
+
+
+@HOOKS.register_module()
+class MergedParamGroupsHook(Hook):
+    """Resumes a run saved with one optimizer group per parameter (instseg before its constructor merged
+    them, instseg.engine.optim) into the merged groups, its LR schedule included."""
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        optimizer = getattr(runner.optim_wrapper, 'optimizer', None)
+        if optimizer is not None and runner._resume and \
+                merge_saved_param_groups(checkpoint, len(optimizer.param_groups)):
+            print_log('the checkpoint has one optimizer group per parameter: merged into '
+                      f'{len(optimizer.param_groups)} by their settings', logger='current', level=logging.INFO)
 
 
 def _first(keys: list, n: int = 3) -> str:

@@ -1,4 +1,7 @@
+import copy
+
 import pytest
+import torch
 from conftest import built_optim_wrapper, param_group_of
 from torch import nn
 
@@ -68,3 +71,77 @@ def test_a_custom_key_matching_no_parameter_is_refused():
         _optim_wrapper('schedule.paramwise_cfg={custom_keys: {bakbone: {lr_mult: 0.25}}}')
     assert str(info.value) == ('schedule.paramwise_cfg.custom_keys.bakbone: matches no parameter of the model '
                                "(a part of a parameter's name, e.g. one of: backbone, neck)")
+
+
+PARAMWISE = 'schedule.paramwise_cfg={custom_keys: {neck: {lr_mult: 0.25}}, norm_decay_mult: 0.0}'
+
+
+def _per_parameter(model):
+    """mmengine's own constructor: one group per parameter."""
+    from mmengine.optim import DefaultOptimWrapperConstructor
+    wrapper_cfg = to_mmengine(compose('train', [PARAMWISE])).optim_wrapper.to_dict()
+    paramwise = wrapper_cfg.pop('paramwise_cfg')
+    wrapper_cfg.pop('constructor')
+    return DefaultOptimWrapperConstructor(wrapper_cfg, paramwise)(model)
+
+
+def _grads(model, seed):
+    generator = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=generator)
+
+
+def test_parameters_with_the_same_settings_share_a_group_and_get_the_same_update(one_thread):
+    merged_model, model = TwoParts(), TwoParts()
+    model.load_state_dict(merged_model.state_dict())
+    merged, per_parameter = _optim_wrapper(PARAMWISE, model=merged_model), _per_parameter(model)
+    assert len(per_parameter.optimizer.param_groups) == 6
+    # conv (lr 2e-3, decay 0.05), norm (decay 0), neck (lr 5e-4)
+    assert [len(g['params']) for g in merged.optimizer.param_groups] == [2, 2, 2]
+    for step in range(3):
+        for m, wrapper in ((merged_model, merged), (model, per_parameter)):
+            _grads(m, step)
+            wrapper.step()
+    for (name, a), b in zip(merged_model.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_run_saved_with_one_group_per_parameter_resumes_into_the_merged_groups(one_thread):
+    from mmengine.optim import CosineAnnealingLR, LinearLR
+
+    from instseg.engine.optim import merge_saved_param_groups
+
+    def schedulers(wrapper):
+        return [LinearLR(wrapper, start_factor=0.1, by_epoch=False, begin=0, end=2),
+                CosineAnnealingLR(wrapper, T_max=6, by_epoch=False, begin=2, end=8)]
+
+    def train(model, wrapper, scheds, steps):
+        for step in steps:
+            _grads(model, step)
+            wrapper.step()
+            for s in scheds:
+                s.step()
+
+    saved_model = TwoParts()
+    saved = _per_parameter(saved_model)
+    saved_schedulers = schedulers(saved)
+    train(saved_model, saved, saved_schedulers, range(3))
+    checkpoint = copy.deepcopy(  # as saved to a file: not the live tensors
+        {'optimizer': saved.state_dict(), 'param_schedulers': [s.state_dict() for s in saved_schedulers]})
+
+    resumed_model = TwoParts()
+    resumed_model.load_state_dict(saved_model.state_dict())
+    resumed = _optim_wrapper(PARAMWISE, model=resumed_model)
+    resumed_schedulers = schedulers(resumed)
+    assert merge_saved_param_groups(checkpoint, len(resumed.optimizer.param_groups))
+    resumed.load_state_dict(checkpoint['optimizer'])
+    for s, state in zip(resumed_schedulers, checkpoint['param_schedulers']):
+        s.load_state_dict(state)
+    assert [len(g['params']) for g in checkpoint['optimizer']['param_groups']] == [2, 2, 2]
+    assert not merge_saved_param_groups(checkpoint, 3)  # already merged
+
+    train(saved_model, saved, saved_schedulers, range(3, 6))
+    train(resumed_model, resumed, resumed_schedulers, range(3, 6))
+    for (name, a), b in zip(saved_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert resumed.optimizer.param_groups[2]['lr'] == param_group_of(saved, saved_model.neck.weight)['lr']
