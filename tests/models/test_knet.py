@@ -341,6 +341,24 @@ def test_builds_through_the_registry_with_the_cpu_fit():
         max_per_img=100, mask_thr=0.5, mask_score=False, upsample_logits=False, nms=None)
 
 
+def test_the_rpn_like_stages_convs_start_at_the_references_0_01_or_at_kaimings_init():
+    from mmcv.cnn import ConvModule
+
+    def kaiming(conv):  # mmcv's ConvModule: normal, fan_out, relu
+        return (2 / (conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1])) ** 0.5
+
+    for overrides, expected in (([], lambda conv: 0.01), (['fit=reference'], lambda conv: 0.01),
+                                (['model.rpn_head.conv_init_std=null'], kaiming)):
+        torch.manual_seed(0)
+        model = build_model(compose('train', ['model=knet', *TINY, *overrides]))
+        model.init_weights()
+        convs = [m.conv for m in model.rpn_head.modules() if isinstance(m, ConvModule)]
+        assert len(convs) == 11  # the semantic FPN's 1 + 1 + 2 + 3 level convs and 2 outputs, loc and seg
+        for conv in convs:
+            assert conv.weight.std().item() == pytest.approx(expected(conv), rel=0.15), (overrides, conv)
+        assert model.rpn_head.init_kernels.weight.std().item() == pytest.approx(1.0, rel=0.15)  # always N(0, 1)
+
+
 def test_the_cpu_schedule_gives_the_feature_parts_4x_the_update_stages_lr():
     model = build_model(compose('train', ['model=knet']))
     wrapper = built_optim_wrapper(model, 'model=knet')

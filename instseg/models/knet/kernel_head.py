@@ -9,7 +9,7 @@ the sum of the features under its binarised mask (proposal_feats_with_obj, use_b
 mask BCE 1, dice 4, per-pixel focal 1; no class loss (the stage has no class branch).
 Init (init_weights L173-198): convs N(0, 0.01), conv_seg bias at prior 0.01, kernels N(0, 1).
 """
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from mmcv.cnn import ConvModule
@@ -28,7 +28,7 @@ class ConvKernelHead(BaseModule):
 
     def __init__(self, num_classes: int, semantic_fpn: dict, in_channels: int = 256, num_proposals: int = 100,
                  hard_mask_thr: float = 0.5, norm_cfg: dict = dict(type='GN', num_groups=32, requires_grad=True),
-                 kernel_init_std: float = 1.0,
+                 kernel_init_std: float = 1.0, conv_init_std: Optional[float] = 0.01,
                  loss_mask: dict = dict(type='CrossEntropyLoss', use_sigmoid=True, loss_weight=1.0),
                  loss_dice: dict = dict(type='DiceLoss', loss_weight=4.0),
                  loss_seg: dict = dict(type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0),
@@ -38,6 +38,7 @@ class ConvKernelHead(BaseModule):
         self.num_proposals = num_proposals
         self.hard_mask_thr = hard_mask_thr
         self.kernel_init_std = kernel_init_std
+        self.conv_init_std = conv_init_std
         self.semantic_fpn = MODELS.build(semantic_fpn)
         self.loc_convs = ConvModule(in_channels, in_channels, 1, norm_cfg=norm_cfg)
         self.seg_convs = ConvModule(in_channels, in_channels, 1, norm_cfg=norm_cfg)
@@ -51,8 +52,9 @@ class ConvKernelHead(BaseModule):
 
     def init_weights(self) -> None:
         super().init_weights()
-        for conv in (self.loc_convs.conv, self.seg_convs.conv):
-            normal_init(conv, std=0.01)
+        if self.conv_init_std is not None:  # None keeps ConvModule's Kaiming init
+            for conv in (self.loc_convs.conv, self.seg_convs.conv):
+                normal_init(conv, std=self.conv_init_std)
         normal_init(self.conv_seg, std=0.01, bias=bias_init_with_prob(0.01))
         normal_init(self.init_kernels, std=self.kernel_init_std)
 

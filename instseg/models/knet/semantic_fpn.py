@@ -8,7 +8,7 @@ ReLU outputs (``conv_pred`` and one ``aux_convs``): the localisation and the sem
 With upsample_times=2 the reference fuses at stride 8 (P2 goes down through one stride-2 conv), i.e.
 ``fuse_level=1`` here; ``fuse_level=0`` is Panoptic FPN's stride-4 fusion.
 """
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from mmcv.cnn import ConvModule
 from mmdet.models.layers import SinePositionalEncoding
@@ -30,8 +30,9 @@ class KNetSemanticFPN(BaseModule):
     def __init__(self, in_channels: int = 256, feat_channels: int = 256, out_channels: int = 256,
                  num_levels: int = 4, fuse_level: int = 1, positional_encoding: bool = True,
                  norm_cfg: dict = dict(type='GN', num_groups=32, requires_grad=True),
-                 init_cfg=None) -> None:
+                 conv_init_std: Optional[float] = 0.01, init_cfg=None) -> None:
         super().__init__(init_cfg=init_cfg)
+        self.conv_init_std = conv_init_std
         assert fuse_level in (0, 1), 'levels above 1 would have to go down, which the layout has no convs for'
         self.fuse_level = fuse_level
         # The encoding is added to the top level, so its 2 * num_feats channels must match it.
@@ -56,10 +57,12 @@ class KNetSemanticFPN(BaseModule):
         self.sem_out = ConvModule(feat_channels, out_channels, 1, norm_cfg=norm_cfg)
 
     def init_weights(self) -> None:
-        super().init_weights()
+        super().init_weights()  # ConvModule's own: Kaiming, what conv_init_std=None keeps
+        if self.conv_init_std is None:
+            return
         for m in self.modules():  # the reference's init: every conv N(0, 0.01)
             if isinstance(m, nn.Conv2d):
-                normal_init(m, std=0.01)
+                normal_init(m, std=self.conv_init_std)
 
     def forward(self, feats: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
         levels: List[Tensor] = list(feats[:len(self.level_convs)])
