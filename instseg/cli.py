@@ -71,16 +71,27 @@ def _explain(error: Exception, config_name: str, overrides: list, hydra_compose)
         re.search(r"Key '([^']+)' is not in struct", text)
     if key:
         full = key.group(1)
-        parent, _, leaf = full.rpartition('.')
-        try:
-            node = hydra_compose(config_name, [o for o in overrides if o.split('=')[0].lstrip('+~') != full])
-            node = OmegaConf.select(node, parent) if parent else node
-            valid = ', '.join(str(k) for k in node.keys()) if isinstance(node, DictConfig) else ''
-        except Exception:  # noqa: BLE001 - best effort: the message without the list
-            valid = ''
-        where = f' of {parent}' if parent else ''
-        return f"unknown key '{full}'" + (f'; valid keys{where}: {valid}' if valid else '')
+        without = [o for o in overrides if o.split('=')[0].lstrip('+~') != full]
+        deeper = getattr(error.__cause__, 'full_key', '') or ''
+        if deeper.startswith(full + '.'):  # a mapping given for a mapping: one of its keys is new
+            parent = deeper.rpartition('.')[0]
+            return (f"{full}: unknown key '{deeper}'" + _valid_keys(config_name, without, parent, hydra_compose) +
+                    f"; to replace the whole mapping: ~{full} '+{full}=...'")
+        parent = full.rpartition('.')[0]
+        return f"unknown key '{full}'" + _valid_keys(config_name, without, parent, hydra_compose)
     return text.strip().splitlines()[0]
+
+
+def _valid_keys(config_name: str, overrides: list, path: str, hydra_compose) -> str:
+    """'; valid keys of PATH: ...' as composed with ``overrides``, or '' where that fails."""
+    try:
+        node = hydra_compose(config_name, overrides)
+        node = OmegaConf.select(node, path) if path else node
+    except Exception:  # noqa: BLE001 - best effort: the message without the list
+        return ''
+    if not isinstance(node, DictConfig):
+        return ''
+    return f"; valid keys{f' of {path}' if path else ''}: {', '.join(str(k) for k in node.keys())}"
 
 
 def _check_types(cfg: DictConfig, base: DictConfig, overrides: list) -> None:

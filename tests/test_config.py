@@ -85,6 +85,9 @@ def test_smoke_schedule_and_knobs():
     (['model=nope'], f"model=nope: no such option; valid choices: {', '.join(group_options('model'))}"),
     (['model/backbone=r34'], 'valid choices: r101, r18, r50'),
     (['schedule.max_iter=3'], "unknown key 'schedule.max_iter'; valid keys of schedule: by_epoch, max_iters"),
+    (['model.backbone.norm_cfg={type: GN, num_groups: 16}'],  # a mapping with a key the default's lacks
+     "model.backbone.norm_cfg: unknown key 'model.backbone.norm_cfg.num_groups'; valid keys of model.backbone.norm_cfg:"
+     " type, requires_grad; to replace the whole mapping: ~model.backbone.norm_cfg '+model.backbone.norm_cfg=...'"),
     (['seed=abc'], "seed: expected an integer, got 'abc'"),
     (['amp=maybe'], "amp: expected a boolean (true/false), got 'maybe'"),
     (['schedule.optimizer.lr=fast'], "schedule.optimizer.lr: expected a number, got 'fast'"),
@@ -96,6 +99,11 @@ def test_bad_overrides_fail_with_one_line(overrides, message):
     with pytest.raises(ConfigError) as info:
         compose('test' if 'format_only=true' in overrides else 'train', overrides)
     assert message in str(info.value) and '\n' not in str(info.value)
+
+
+def test_a_mapping_replaced_whole_as_the_error_says():
+    cfg = compose('train', ['~model.backbone.norm_cfg', '+model.backbone.norm_cfg={type: GN, num_groups: 16}'])
+    assert to_mmengine(cfg).model.backbone.norm_cfg == {'type': 'GN', 'num_groups': 16}
 
 
 def test_ema_is_a_schedule_option():
