@@ -176,8 +176,18 @@ def _check_resolvable(cfg: DictConfig) -> None:
 
 
 def fail(error: Exception, code: int = 2) -> None:
-    print(f'error: {error}', file=sys.stderr)
+    print(f'error: {one_line(error)}', file=sys.stderr)
     sys.exit(code)
+
+
+def one_line(error: Exception) -> str:
+    """The error's message; raised in a DataLoader worker, torch re-raises it with the worker's
+    traceback around it ('Caught ConfigError in DataLoader worker process 0. Original Traceback ...'):
+    then its last line, less the 'module.ConfigError: ' before the message."""
+    text = str(error).strip()
+    if '\nOriginal Traceback' in text:
+        text = text.splitlines()[-1].split(': ', 1)[-1]
+    return text
 
 
 def main(config_name: str, task: Callable[[DictConfig], Any]) -> None:

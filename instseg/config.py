@@ -207,8 +207,8 @@ def uses_semantic_maps(model: dict) -> bool:
 
 def _dataloader(data, split, schedule, *, train: bool, semantic: bool = False) -> dict:
     scale = tuple(data['scale'])  # mmcv's Resize wants a tuple
-    load = [dict(type='LoadImageFromFile'),
-            dict(type='LoadAnnotations', with_bbox=True, with_mask=True, with_seg=semantic)]
+    load = [dict(type='LoadImageChecked'),
+            dict(type='LoadAnnotationsChecked', with_bbox=True, with_mask=True, with_seg=semantic)]
     resize = dict(type='Resize', scale=scale, keep_ratio=True)
     prefix = dict(img=split['img'])
     if train:

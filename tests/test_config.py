@@ -218,7 +218,7 @@ def test_htc_reference_semantic_branch_and_maps():
     assert roi.semantic_roi_extractor['featmap_strides'] == [8] and mm.model.data_preprocessor.pad_seg
     dataset = mm.train_dataloader.dataset
     assert dataset.data_prefix == dict(img='train2017/', seg='stuffthingmaps/train2017/')
-    assert dict(type='LoadAnnotations', with_bbox=True, with_mask=True, with_seg=True) in dataset.pipeline
+    assert dict(type='LoadAnnotationsChecked', with_bbox=True, with_mask=True, with_seg=True) in dataset.pipeline
     assert 'seg' not in mm.val_dataloader.dataset.data_prefix
 
     mm = _mm('htc_without_semantic_r50_fpn_1x_coco', 'data.root=/coco')

@@ -1,0 +1,44 @@
+"""Loading that fails in one line: an image (or semantic map) that cannot be read or decoded mid-run.
+
+validate.py decodes only a sample of the image files before a run; a file truncated or corrupt beyond
+that sample (a copy cut short, a bad disk) otherwise stops training hours in with mmcv's bare
+``AssertionError: failed to load image`` under a long traceback (a missing or truncated PNG decodes to
+None). These raise ``ConfigError`` naming the file, which the tools print as one line; the checkpoints
+saved so far stay in the work_dir for ``resume=true``.
+"""
+from mmcv.transforms import LoadImageFromFile
+from mmdet.datasets.transforms import LoadAnnotations
+
+from instseg.errors import ConfigError
+from instseg.registry import TRANSFORMS
+
+
+def _unreadable(kind: str, path: str, error: Exception) -> ConfigError:
+    if isinstance(error, (AssertionError, AttributeError)):  # decoded to None (mmcv asserts, mmdet squeezes it)
+        detail = 'truncated or corrupt'
+    else:
+        detail = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    return ConfigError(f'{kind} {path}: cannot be read or decoded ({detail}); replace the file, or take its '
+                       'image out of the annotation file, then resume=true goes on from the last checkpoint')
+
+
+@TRANSFORMS.register_module()
+class LoadImageChecked(LoadImageFromFile):
+    """mmcv's LoadImageFromFile; a file it cannot read or decode raises one line naming it."""
+
+    def transform(self, results: dict) -> dict:
+        try:
+            return super().transform(results)
+        except Exception as e:  # noqa: BLE001 - OSError, cv2.error, mmcv's assert on None: all the file's
+            raise _unreadable('image', results['img_path'], e) from None
+
+
+@TRANSFORMS.register_module()
+class LoadAnnotationsChecked(LoadAnnotations):
+    """mmdet's LoadAnnotations; a semantic map it cannot read or decode raises one line naming it."""
+
+    def _load_seg_map(self, results: dict) -> None:
+        try:
+            super()._load_seg_map(results)
+        except Exception as e:  # noqa: BLE001 - a None decode fails in .squeeze(): the file's fault too
+            raise _unreadable('semantic map', results['seg_map_path'], e) from None
