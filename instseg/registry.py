@@ -30,7 +30,7 @@ def _child(parent: Registry, locations=()) -> Registry:
 
 MODELS = _child(mmdet.MODELS, ['instseg.models'])
 DATASETS = _child(mmdet.DATASETS, ['instseg.data'])
-TRANSFORMS = _child(mmdet.TRANSFORMS, ['instseg.data'])
+TRANSFORMS = _child(mmdet.TRANSFORMS, ['instseg.data.transforms'])
 METRICS = _child(mmdet.METRICS, ['instseg.evaluation'])
 HOOKS = _child(mmdet.HOOKS, ['instseg.engine'])
 TASK_UTILS = _child(mmdet.TASK_UTILS, ['instseg.models'])
