@@ -4,8 +4,12 @@ validate.py decodes only a sample of the image files before a run; a file trunca
 that sample (a copy cut short, a bad disk) otherwise stops training hours in with mmcv's bare
 ``AssertionError: failed to load image`` under a long traceback (a missing or truncated PNG decodes to
 None). These raise ``ConfigError`` naming the file, which the tools print as one line; the checkpoints
-saved so far stay in the work_dir for ``resume=true``.
+saved so far stay in the work_dir for ``resume=true``. OpenCV's own warning about the file (printed
+from C before the decode returns None) is held back while they load, so that line is the only one.
 """
+from contextlib import contextmanager
+
+from cv2.utils import logging as cv2_logging
 from mmcv.transforms import LoadImageFromFile
 from mmdet.datasets.transforms import LoadAnnotations
 
@@ -22,13 +26,24 @@ def _unreadable(kind: str, path: str, error: Exception) -> ConfigError:
                        'image out of the annotation file, then resume=true goes on from the last checkpoint')
 
 
+@contextmanager
+def _opencv_errors_only():
+    level = cv2_logging.getLogLevel()
+    cv2_logging.setLogLevel(cv2_logging.LOG_LEVEL_ERROR)
+    try:
+        yield
+    finally:
+        cv2_logging.setLogLevel(level)
+
+
 @TRANSFORMS.register_module()
 class LoadImageChecked(LoadImageFromFile):
     """mmcv's LoadImageFromFile; a file it cannot read or decode raises one line naming it."""
 
     def transform(self, results: dict) -> dict:
         try:
-            return super().transform(results)
+            with _opencv_errors_only():
+                return super().transform(results)
         except Exception as e:  # noqa: BLE001 - OSError, cv2.error, mmcv's assert on None: all the file's
             raise _unreadable('image', results['img_path'], e) from None
 
@@ -39,6 +54,7 @@ class LoadAnnotationsChecked(LoadAnnotations):
 
     def _load_seg_map(self, results: dict) -> None:
         try:
-            super()._load_seg_map(results)
+            with _opencv_errors_only():
+                super()._load_seg_map(results)
         except Exception as e:  # noqa: BLE001 - a None decode fails in .squeeze(): the file's fault too
             raise _unreadable('semantic map', results['seg_map_path'], e) from None
