@@ -162,7 +162,7 @@ def to_mmengine(cfg: DictConfig, *, mode: str = 'train', checkpoint: str | None 
         test_evaluator=evaluator,
         train_cfg=(dict(type='ResumableEpochBasedTrainLoop', max_epochs=schedule['max_epochs'],
                         val_interval=schedule['val_interval']) if by_epoch else
-                   dict(type='IterBasedTrainLoop', max_iters=schedule['max_iters'],
+                   dict(type='ResumableIterBasedTrainLoop', max_iters=schedule['max_iters'],
                         val_interval=schedule['val_interval'])),
         val_cfg=dict(type='ValLoop'),
         test_cfg=dict(type='TestLoop'),
@@ -238,7 +238,7 @@ def _dataloader(data, split, schedule, *, train: bool, semantic: bool = False) -
     return dict(batch_size=schedule['batch_size'] if train else 1, num_workers=workers,
                 persistent_workers=workers > 0, drop_last=False,
                 sampler=dict(type='DefaultSampler', shuffle=train),
-                batch_sampler=dict(type='AspectRatioBatchSampler') if train else None,
+                batch_sampler=dict(type='ResumableAspectRatioBatchSampler') if train else None,
                 dataset=dataset)
 
 

@@ -63,7 +63,7 @@ def test_translation_of_the_cpu_default():
     mm = to_mmengine(cfg)
     assert mm.default_scope == 'instseg' and mm.work_dir == '/tmp/x'
     assert mm.randomness == dict(seed=3, deterministic=True)
-    assert mm.train_cfg == dict(type='IterBasedTrainLoop', max_iters=cfg.schedule.max_iters,
+    assert mm.train_cfg == dict(type='ResumableIterBasedTrainLoop', max_iters=cfg.schedule.max_iters,
                                 val_interval=cfg.schedule.val_interval)
     assert 'name' not in mm.model
     # from scratch: no pretrained init, every stage trains, BatchNorm learns its statistics
@@ -250,7 +250,7 @@ def test_condinst_recipes_match_their_references(experiment, iters, steps):
     mm = _mm(experiment)
     assert mm.model.type == 'CondInst' and mm.model.backbone.depth == 50 and mm.model.neck.start_level == 1
     assert mm.optim_wrapper.optimizer == dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=0.0001)
-    assert mm.train_cfg == dict(type='IterBasedTrainLoop', max_iters=iters, val_interval=10000)
+    assert mm.train_cfg == dict(type='ResumableIterBasedTrainLoop', max_iters=iters, val_interval=10000)
     assert mm.param_scheduler == [
         dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=1000),
         dict(type='MultiStepLR', by_epoch=False, begin=0, end=iters, milestones=steps, gamma=0.1)]
