@@ -74,11 +74,11 @@ def set_rng_state(state: dict) -> None:
 
 class RestoreAfterReplay:
     """Stands in for IterBasedTrainLoop's (and ResumableEpochBasedTrainLoop's) batch iterator on
-    resume. mmengine reaches the checkpoint's place in the data by fetching (replaying) the batches
-    trained before it, which draws random numbers the uninterrupted run drew before the checkpoint:
-    the pipeline's flips (in this process with num_workers=0) and a new epoch's DataLoader seed. So
-    the states saved with the checkpoint are restored after the replay, right before the first new
-    batch."""
+    resume. The loop reaches the checkpoint's place in the data by taking the batches trained before
+    it: skipped unloaded (instseg.engine.loops) or, with a batch sampler that cannot skip, fetched
+    (replayed), which draws random numbers the uninterrupted run drew before the checkpoint: the
+    pipeline's flips (in this process with num_workers=0) and a new epoch's DataLoader seed. So the
+    states saved with the checkpoint are restored after them, right before the first new batch."""
 
     def __init__(self, iterator, replayed: int, state: dict) -> None:
         self._iterator, self._replayed, self._state = iterator, replayed, state

@@ -49,9 +49,10 @@ class ResumableEpochBasedTrainLoop(EpochBasedTrainLoop):
 
         self.runner.call_hook('before_train_epoch')
         self.runner.model.train()
-        replayed = 0 if can_skip(self.dataloader) else trained
-        if not replayed:
+        skipping = can_skip(self.dataloader)
+        if skipping:
             self.dataloader.batch_sampler.skip_next(trained)
+        replayed = 0 if skipping else trained  # batches fetched only to be dropped
         batches = iter(self.dataloader)
         if self.rng_state_after_skip is not None:
             batches = RestoreAfterReplay(batches, replayed, self.rng_state_after_skip)
