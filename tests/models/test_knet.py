@@ -14,7 +14,7 @@ from instseg.config import to_mmengine
 from instseg.models import build_model
 from instseg.models.knet import KNet, KernelIterHead
 from instseg.models.knet.kernel_update_head import grid_group
-from instseg.models.knet.losses import match
+from instseg.models.knet.losses import extent_targets, match
 from instseg.registry import MODELS, TASK_UTILS
 
 NUM_CLASSES = 5
@@ -191,6 +191,34 @@ def test_loss_is_finite_and_reaches_the_kernels_with_an_image_without_gt():
     assert all(torch.isfinite(v) for v in losses.values())
     assert losses['s2_loss_dice'].item() == 0.0
 
+
+def test_extent_targets_are_each_pixels_distances_to_its_own_objects_box_edges():
+    masks = torch.zeros(2, 8, 10)
+    masks[0, 2:5, 1:7] = 1
+    masks[1, 4:8, 6:10] = 1  # overlaps the first at (4, 6): the later GT wins
+    targets, foreground = extent_targets([InstanceData(masks=masks, labels=torch.tensor([0, 1])),
+                                          InstanceData(masks=masks[:0], labels=torch.tensor([]))])
+    scale = torch.tensor([10, 8, 10, 8.])  # (left, top, right, bottom) as fractions of the width, height
+    assert targets[0, :, 2, 1].mul(scale).tolist() == [0, 0, 6, 3]  # the first box's top-left pixel
+    assert targets[0, :, 4, 5].mul(scale).tolist() == [4, 2, 2, 1]
+    assert targets[0, :, 4, 6].mul(scale).tolist() == [0, 0, 4, 4]  # the second's
+    assert foreground[0].sum() == 18 + 16 - 1 and not foreground[1].any()
+    assert targets[0, :, 0, 0].abs().sum() == 0
+
+
+def test_the_optional_extent_loss_trains_its_conv_and_the_features():
+    torch.manual_seed(0)
+    model = build_model(compose('train', ['model=knet', *TINY,
+                                          'model.rpn_head.loss_extent={type: L1Loss, loss_weight: 10.0}']))
+    model.init_weights()
+    model.train()
+    samples = [_sample([[4, 4, 30, 20]], [0]), _sample([], [])]
+    losses = model(**_batch(samples, True, model), mode='loss')
+    assert losses['loss_rpn_extent'] > 0
+    losses['loss_rpn_extent'].backward()
+    for param in (model.rpn_head.conv_extent.weight, model.backbone.conv1.weight):
+        assert param.grad.abs().sum() > 0
+    assert _tiny_model().rpn_head.conv_extent is None  # off by default, as the reference
 
 
 def test_denoising_group_learns_each_gt_from_its_own_mask_and_leaves_the_rest_alone():

@@ -17,7 +17,7 @@ from mmengine.model import BaseModule, bias_init_with_prob, normal_init
 from mmengine.structures import InstanceData
 from torch import Tensor, nn
 
-from instseg.models.knet.losses import mask_losses, match, resize_like, semantic_loss
+from instseg.models.knet.losses import extent_loss, mask_losses, match, resize_like, semantic_loss
 from instseg.registry import MODELS, TASK_UTILS
 
 
@@ -32,7 +32,7 @@ class ConvKernelHead(BaseModule):
                  loss_mask: dict = dict(type='CrossEntropyLoss', use_sigmoid=True, loss_weight=1.0),
                  loss_dice: dict = dict(type='DiceLoss', loss_weight=4.0),
                  loss_seg: dict = dict(type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0),
-                 train_cfg=None, init_cfg=None) -> None:
+                 loss_extent: Optional[dict] = None, train_cfg=None, init_cfg=None) -> None:
         super().__init__(init_cfg=init_cfg)
         self.num_classes = num_classes
         self.num_proposals = num_proposals
@@ -48,6 +48,10 @@ class ConvKernelHead(BaseModule):
         self.loss_mask = MODELS.build(loss_mask)
         self.loss_dice = MODELS.build(loss_dice)
         self.loss_seg = MODELS.build(loss_seg)
+        # Not the reference's (None there): a training-only 1x1 conv regressing each pixel's object box
+        # from the features the kernels group (losses.extent_loss).
+        self.conv_extent = nn.Conv2d(in_channels, 4, 1) if loss_extent else None
+        self.loss_extent = MODELS.build(loss_extent) if loss_extent else None
         self.assigner = TASK_UTILS.build(train_cfg['assigner']) if train_cfg else None
 
     def init_weights(self) -> None:
@@ -57,6 +61,8 @@ class ConvKernelHead(BaseModule):
                 normal_init(conv, std=self.conv_init_std)
         normal_init(self.conv_seg, std=0.01, bias=bias_init_with_prob(0.01))
         normal_init(self.init_kernels, std=self.kernel_init_std)
+        if self.conv_extent is not None:  # boxes near 0 at first: no early jolt to the shared features
+            normal_init(self.conv_extent, std=0.01)
 
     def forward(self, feats: List[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         loc_feats, sem_feats = self.semantic_fpn(feats)
@@ -78,4 +84,6 @@ class ConvKernelHead(BaseModule):
         losses = mask_losses(self.loss_mask, self.loss_dice, mask_logits, matches, gts)
         losses['loss_seg'] = semantic_loss(self.loss_seg, resize_like(seg_logits, gts[0].masks.shape[-2:]),
                                            matches, gts)
+        if self.loss_extent is not None:
+            losses['loss_extent'] = extent_loss(self.loss_extent, self.conv_extent(features), gts)
         return (kernels, features, mask_logits), {k.replace('loss_', 'loss_rpn_'): v for k, v in losses.items()}

@@ -126,6 +126,41 @@ def semantic_loss(loss_seg, seg_logits: Tensor, matches: List[Match], gts: List[
     return loss_seg(flat_logits, targets.flatten(), avg_factor=max(num_fg, 1))
 
 
+def extent_targets(gts: List[InstanceData]) -> Tuple[Tensor, Tensor]:
+    """Per-pixel distances to the left, top, right and bottom edges of the box of the GT mask the pixel
+    lies in (FCOS's regression targets, taken from the mask), as fractions of the masks' width and
+    height, (B, 4, h, w) at the GT masks' size; and the foreground (B, h, w), where a GT mask is > 0.5.
+    Where masks overlap the later GT wins, as in ``semantic_loss``."""
+    h, w = gts[0].masks.shape[-2:]
+    device = gts[0].masks.device
+    ys = torch.arange(h, dtype=torch.float32, device=device)[:, None].expand(h, w)
+    xs = torch.arange(w, dtype=torch.float32, device=device)[None, :].expand(h, w)
+    targets = ys.new_zeros(len(gts), 4, h, w)
+    foreground = torch.zeros(len(gts), h, w, dtype=torch.bool, device=device)
+    for i, gt in enumerate(gts):
+        for mask in gt.masks > 0.5:
+            if not mask.any():
+                continue
+            rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+            top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+            edges = torch.stack([(xs - left) / w, (ys - top) / h, (right - xs) / w, (bottom - ys) / h])
+            targets[i][:, mask] = edges[:, mask]
+            foreground[i] |= mask
+    return targets, foreground
+
+
+def extent_loss(loss_extent, extent: Tensor, gts: List[InstanceData]) -> Tensor:
+    """An auxiliary dense loss (not the reference's): every foreground pixel regresses the box of its own
+    object (``extent_targets``), so its feature has to tell which object it belongs to, the property the
+    kernels' grouping rests on; the reference's semantic loss asks for the class only. Averaged over the
+    foreground pixels; zero (reaching the parameters) without any."""
+    targets, foreground = extent_targets(gts)
+    pred = resize_like(extent, targets.shape[-2:]).permute(0, 2, 3, 1)[foreground]
+    if len(pred) == 0:
+        return extent.sum() * 0
+    return loss_extent(pred, targets.permute(0, 2, 3, 1)[foreground])
+
+
 def resize_like(mask_logits: Tensor, size) -> Tensor:
     """Mask logits bilinearly resized to the GT masks' size (the reference's x2 upsampling from the
     fused stride 8 to the assignment stride 4; a no-op when the features are already at stride 4)."""
