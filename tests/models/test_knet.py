@@ -397,10 +397,10 @@ def test_the_cpu_schedule_gives_the_feature_parts_4x_the_update_stages_lr():
     assert compose('train', ['model=knet', 'schedule=1x']).schedule.paramwise_cfg is None
 
 
-def test_the_cpu_schedule_warms_up_over_the_references_1000_iterations():
+def test_the_cpu_schedule_warms_up_over_2000_iterations():
     schedulers = to_mmengine(compose('train', ['model=knet'])).param_scheduler
-    assert schedulers[0] == dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=1000)
-    assert schedulers[1]['type'] == 'CosineAnnealingLR' and schedulers[1]['begin'] == 1000
+    assert schedulers[0] == dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=2000)
+    assert schedulers[1]['type'] == 'CosineAnnealingLR' and schedulers[1]['begin'] == 2000
     assert to_mmengine(compose('train')).param_scheduler[0]['end'] == 100  # the CPU default's, Mask R-CNN's
 
 
