@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from mmdet.models.task_modules.assigners import AssignResult, HungarianAssigner
 from mmdet.models.task_modules.assigners.match_cost import BaseMatchCost
+from mmdet.structures.mask import mask2bbox
 from mmdet.utils import reduce_mean
 from mmengine.structures import InstanceData
 from torch import Tensor
@@ -138,11 +139,8 @@ def extent_targets(gts: List[InstanceData]) -> Tuple[Tensor, Tensor]:
     targets = ys.new_zeros(len(gts), 4, h, w)
     foreground = torch.zeros(len(gts), h, w, dtype=torch.bool, device=device)
     for i, gt in enumerate(gts):
-        for mask in gt.masks > 0.5:
-            if not mask.any():
-                continue
-            rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
-            top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        masks = gt.masks > 0.5
+        for mask, (left, top, right, bottom) in zip(masks, mask2bbox(masks)):  # an empty mask sets nothing
             edges = torch.stack([(xs - left) / w, (ys - top) / h, (right - xs) / w, (bottom - ys) / h])
             targets[i][:, mask] = edges[:, mask]
             foreground[i] |= mask
