@@ -13,7 +13,7 @@ from instseg.cli import compose
 from instseg.config import to_mmengine
 from instseg.models import build_model
 from instseg.models.knet import KNet, KernelIterHead
-from instseg.models.knet.kernel_update_head import grid_group
+from instseg.models.knet.kernel_update_head import box_offsets, grid_group
 from instseg.models.knet.losses import extent_targets, match
 from instseg.registry import MODELS, TASK_UTILS
 
@@ -21,8 +21,9 @@ NUM_CLASSES = 5
 TINY = ['model.backbone.base_channels=8', 'model.neck.out_channels=32', 'model.rpn_head.num_proposals=6',
         'model.roi_head.mask_head.num_heads=2', 'model.roi_head.mask_head.feedforward_channels=64']
 # docs/knet_cpu.md's line for the CPU fit without what it adds to the reference's head
-WITHOUT_ADDITIONS = ['model.roi_head.mask_head.group_grid=0', 'model.roi_head.denoising_weight=0',
-                     'model.train_cfg.rpn.assigner.num_copies=1', 'model.test_cfg.nms=null']
+WITHOUT_ADDITIONS = ['model.roi_head.mask_head.group_grid=0', 'model.roi_head.mask_head.box_coords=false',
+                     'model.roi_head.denoising_weight=0', 'model.train_cfg.rpn.assigner.num_copies=1',
+                     'model.test_cfg.nms=null']
 
 
 def _tiny_model() -> KNet:
@@ -173,6 +174,35 @@ def test_a_stage_with_grid_grouping_takes_the_wider_group_feature():
 
 
 # ----------------------------------------------------------------------------- loss and predict
+def test_box_offsets_are_each_pixels_offset_from_its_mask_box_centre_in_half_widths():
+    masks = torch.zeros(1, 2, 8, 8)
+    masks[0, 0, 2:6, 1:3] = 1   # rows 2-5, columns 1-2: centre at (2, 4) in pixel-corner units
+    along_x, along_y = box_offsets(masks)
+    assert along_x[0, 0].tolist() == [-1.5, -0.5, 0.5, 1.5, 2, 2, 2, 2]  # clipped at 2 half widths
+    assert along_y[0, 0].tolist() == [-1.75, -1.25, -0.75, -0.25, 0.25, 0.75, 1.25, 1.75]
+    assert not along_x[0, 1].any() and not along_y[0, 1].any()  # an empty mask: no offsets
+
+
+def test_a_stage_with_box_coords_adds_a_quadratic_in_the_offsets_to_each_mask():
+    init_default_scope('instseg')
+    head = MODELS.build(dict(type='KernelUpdateHead', num_classes=NUM_CLASSES, in_channels=16, num_heads=2,
+                             feedforward_channels=32, updator_channels=16, box_coords=True))
+    head.init_weights()
+    assert head.fc_mask.out_features == 16 + 4
+    with torch.no_grad():  # no feature term; the offsets' squares weighted -1: a bump on each box's centre
+        head.fc_mask.weight.zero_()
+        head.fc_mask.bias.copy_(torch.tensor([0.0] * 16 + [0, 0, -1, -1]))
+    previous = torch.full((1, 2, 8, 8), -5.0)
+    previous[0, 0, 2:6, 1:3] = 5.0
+    _, mask_logits, _ = head(torch.randn(1, 16, 8, 8), torch.randn(1, 2, 16), previous)
+    along_x, along_y = box_offsets((previous > 0).float())
+    assert torch.allclose(mask_logits, -(along_y[..., :, None] ** 2 + along_x[..., None, :] ** 2))
+    assert mask_logits[0, 0].argmax() // 8 in (3, 4) and mask_logits[0, 0].argmax() % 8 in (1, 2)
+    head.fc_mask.bias.grad = None
+    mask_logits.sum().backward()  # the offsets' weights learn
+    assert head.fc_mask.bias.grad[16:].abs().sum() > 0
+
+
 def test_loss_is_finite_and_reaches_the_kernels_with_an_image_without_gt():
     model = _tiny_model()
     model.train()
@@ -350,19 +380,20 @@ def test_builds_through_the_registry_with_the_cpu_fit():
     assert model.rpn_head.init_kernels.out_channels == cfg.model.rpn_head.num_proposals == 30  # tuning/cpu_knet
     assert cfg.model.neck.out_channels == 64 and cfg.model.neck.num_outs == 4
     assert cfg.model.mask_stride == 2 and cfg.model.test_cfg.upsample_logits and cfg.model.test_cfg.mask_score
-    # grid grouping, one-to-many matching with matrix NMS at test, the denoising group
-    assert all(head.group_grid == 3 for head in model.roi_head.mask_head)
+    # grid grouping, the box's offsets, one-to-many matching with matrix NMS at test, the denoising group
+    assert all(head.group_grid == 3 and head.box_coords for head in model.roi_head.mask_head)
     assert model.rpn_head.assigner.num_copies == model.roi_head.assigner.num_copies == 3
     assert model.roi_head.test_cfg['nms'] == dict(kernel='gaussian', sigma=2.0)
     assert model.roi_head.denoising_weight == 1.0
     # docs/knet_cpu.md's line switches them all off (one copy: one-to-one matching)
     plain = build_model(compose('train', ['model=knet', *WITHOUT_ADDITIONS]))
-    assert all(head.group_grid == 0 for head in plain.roi_head.mask_head)
+    assert all(head.group_grid == 0 and not head.box_coords for head in plain.roi_head.mask_head)
     assert plain.rpn_head.assigner.num_copies == plain.roi_head.assigner.num_copies == 1
     assert plain.roi_head.denoising_weight == 0.0 and plain.roi_head.test_cfg['nms'] is None
     reference = compose('train', ['model=knet', 'fit=reference'])
     assert reference.model.rpn_head.num_proposals == 100 and reference.model.neck.out_channels == 256
     assert reference.model.roi_head.denoising_weight == 0.0 and reference.model.roi_head.mask_head.group_grid == 0
+    assert not reference.model.roi_head.mask_head.box_coords
     assert reference.model.train_cfg.rcnn.assigner.type == 'HungarianAssigner'
     # the reference's test: class scores alone, sigmoid before resizing; targets at 1/4
     assert reference.model.mask_stride == 4 and reference.model.test_cfg == dict(

@@ -10,8 +10,9 @@ ReLU, dropout 0) + LN, one fc + LN + ReLU before each of the class and mask-kern
 (num_cls_fcs, num_mask_fcs 1). Losses: focal 2 (alpha 0.25, gamma 2), mask BCE 1, dice 4.
 Init (init_weights L153-170): xavier-uniform for every weight matrix, class bias at prior 0.01.
 Only 1x1 kernels are implemented (the reference's K x K path is unused by its instance configs).
-One option the reference lacks, ``group_grid``: features grouped in a grid over each mask's box
-instead of one sum (docs/knet_cpu.md: from scratch, a bag of features learns the class too slowly).
+Two options the reference lacks: ``group_grid``, features grouped in a grid over each mask's box
+instead of one sum (docs/knet_cpu.md: from scratch, a bag of features learns the class too slowly), and
+``box_coords``, each new mask also given every pixel's offset from the centre of the kernel's mask's box.
 """
 from typing import Dict, List, Optional, Tuple
 
@@ -56,6 +57,28 @@ class KernelUpdator(BaseModule):
         return self.activation(self.fc_norm(self.fc_layer(updated)))
 
 
+def _span(occupied: Tensor, length: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    """Where each mask's box lies along one axis: occupied (B, N, length), True where the mask has a pixel
+    in that row (or column) -> the indices (length,), the box's first index and its extent (B, N, 1)."""
+    index = torch.arange(length, dtype=dtype, device=occupied.device)
+    low = torch.where(occupied, index, float(length)).amin(-1, keepdim=True)
+    high = torch.where(occupied, index, -1.0).amax(-1, keepdim=True)
+    return index, low, (high - low + 1).clamp(min=1)
+
+
+def box_offsets(hard_masks: Tensor, limit: float = 2.0) -> Tuple[Tensor, Tensor]:
+    """Each pixel's offset from the centre of each mask's box in half box widths (heights), clipped to
+    +-``limit``: hard_masks (B, N, h, w) -> (B, N, w) along x, (B, N, h) along y; zeros for an empty mask."""
+    inside = hard_masks > 0
+
+    def offsets(occupied: Tensor, length: int) -> Tensor:
+        index, low, extent = _span(occupied, length, hard_masks.dtype)
+        offset = ((index + 0.5 - low - extent / 2) / (extent / 2)).clamp(-limit, limit)
+        return offset * occupied.any(-1, keepdim=True)
+
+    return offsets(inside.any(2), hard_masks.shape[-1]), offsets(inside.any(3), hard_masks.shape[-2])
+
+
 def grid_group(hard_masks: Tensor, features: Tensor, grid: int) -> Tensor:
     """The features under each mask summed in a ``grid`` x ``grid`` layout over the mask's own box:
     hard_masks (B, N, h, w), features (B, C, h, w) -> (B, N, grid * grid * C). A cell holds the mask's
@@ -64,10 +87,7 @@ def grid_group(hard_masks: Tensor, features: Tensor, grid: int) -> Tensor:
     inside = hard_masks > 0
 
     def cells(occupied: Tensor, length: int) -> Tensor:  # (B, N, length) -> one-hot grid row (or column) of each index
-        index = torch.arange(length, dtype=features.dtype, device=features.device)
-        low = torch.where(occupied, index, float(length)).amin(-1, keepdim=True)
-        high = torch.where(occupied, index, -1.0).amax(-1, keepdim=True)
-        extent = (high - low + 1).clamp(min=1)
+        index, low, extent = _span(occupied, length, features.dtype)
         cell = ((index - low + 0.5) / extent * grid).floor().clamp(0, grid - 1)
         return (cell[..., None] == torch.arange(grid, device=features.device)).to(features.dtype)
 
@@ -93,7 +113,7 @@ class KernelUpdateHead(BaseModule):
     def __init__(self, num_classes: int, in_channels: int = 256, num_heads: int = 8,
                  feedforward_channels: int = 2048, num_ffn_fcs: int = 2, num_cls_fcs: int = 1,
                  num_mask_fcs: int = 1, dropout: float = 0.0, hard_mask_thr: float = 0.5,
-                 updator_channels: int = 256, group_grid: int = 0,
+                 updator_channels: int = 256, group_grid: int = 0, box_coords: bool = False,
                  loss_cls: dict = dict(type='FocalLoss', use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=2.0),
                  loss_mask: dict = dict(type='CrossEntropyLoss', use_sigmoid=True, loss_weight=1.0),
                  loss_dice: dict = dict(type='DiceLoss', loss_weight=4.0), init_cfg=None) -> None:
@@ -103,6 +123,10 @@ class KernelUpdateHead(BaseModule):
         self.hard_mask_thr = hard_mask_thr
         # group_grid > 0 (not the reference's: 0) keeps where in the mask each feature lies (see forward)
         self.group_grid = group_grid
+        # box_coords (not the reference's: False): each new mask also sees every pixel's offset from the
+        # centre of the kernel's previous mask's box, as CondInst's masks see relative coordinates: two
+        # objects of one class, alike in their features, are then told apart by where each lies
+        self.box_coords = box_coords
         self.feat_transform = nn.Conv2d(in_channels, in_channels, 1)
         self.kernel_updator = KernelUpdator(in_channels, updator_channels, in_channels,
                                             group_channels=in_channels * group_grid ** 2 or None)
@@ -116,7 +140,8 @@ class KernelUpdateHead(BaseModule):
         self.cls_fcs = _fc_ln_relu(in_channels, num_cls_fcs)
         self.fc_cls = nn.Linear(in_channels, num_classes)
         self.mask_fcs = _fc_ln_relu(in_channels, num_mask_fcs)
-        self.fc_mask = nn.Linear(in_channels, in_channels)
+        # with box_coords, 4 more outputs weigh the offsets x, y and their squares (see forward)
+        self.fc_mask = nn.Linear(in_channels, in_channels + 4 * box_coords)
         self.loss_cls = MODELS.build(loss_cls)
         self.loss_mask = MODELS.build(loss_mask)
         self.loss_dice = MODELS.build(loss_dice)
@@ -152,7 +177,15 @@ class KernelUpdateHead(BaseModule):
         kernels = self.ffn_norm(kernels + self.ffn(kernels))
         cls_logits = self.fc_cls(self.cls_fcs(kernels))
         mask_kernels = self.fc_mask(self.mask_fcs(kernels))
+        if self.box_coords:
+            mask_kernels, coord_weights = mask_kernels.split([features.shape[1], 4], dim=-1)
         new_mask_logits = torch.einsum('bnc,bchw->bnhw', mask_kernels, features)
+        if self.box_coords:  # a quadratic in the offsets, separable: a term along x plus one along y
+            along_x, along_y = box_offsets(hard_masks)
+            weight_x, weight_y, weight_xx, weight_yy = coord_weights[..., None].unbind(-2)
+            along_x = weight_x * along_x + weight_xx * along_x ** 2
+            along_y = weight_y * along_y + weight_yy * along_y ** 2
+            new_mask_logits = new_mask_logits + along_y[..., :, None] + along_x[..., None, :]
         return cls_logits, new_mask_logits, kernels
 
     def loss(self, cls_logits: Tensor, mask_logits: Tensor, matches: List[Match],
