@@ -30,14 +30,18 @@ class KNet(BaseDetector):
         self.rpn_head = MODELS.build({**rpn_head, 'train_cfg': train_cfg.get('rpn')})
         self.roi_head = MODELS.build({**roi_head, 'train_cfg': train_cfg.get('rcnn'), 'test_cfg': test_cfg})
         self.mask_stride = mask_stride
+        # The first update stage is matched on the RPN-like stage's masks, as that stage itself: with one
+        # assigner for both (the reference's), that stage's matching is handed on, not computed twice.
+        self.share_rpn_matching = train_cfg.get('rpn') is not None and train_cfg.get('rpn') == train_cfg.get('rcnn')
 
     def extract_feat(self, batch_inputs: Tensor) -> Tuple[Tensor, ...]:
         return self.neck(self.backbone(batch_inputs))
 
     def loss(self, batch_inputs: Tensor, batch_data_samples: SampleList) -> Dict[str, Tensor]:
         gts = [self._mask_targets(sample, batch_inputs.device) for sample in batch_data_samples]
-        (kernels, features, mask_logits), losses = self.rpn_head.loss(self.extract_feat(batch_inputs), gts)
-        losses.update(self.roi_head.loss(features, kernels, mask_logits, gts))
+        (kernels, features, mask_logits, matches), losses = self.rpn_head.loss(self.extract_feat(batch_inputs), gts)
+        losses.update(self.roi_head.loss(features, kernels, mask_logits, gts,
+                                         first_matches=matches if self.share_rpn_matching else None))
         return losses
 
     def predict(self, batch_inputs: Tensor, batch_data_samples: SampleList, rescale: bool = True) -> SampleList:

@@ -17,7 +17,7 @@ from mmengine.model import BaseModule, bias_init_with_prob, normal_init
 from mmengine.structures import InstanceData
 from torch import Tensor, nn
 
-from instseg.models.knet.losses import extent_loss, mask_losses, match, resize_like, semantic_loss
+from instseg.models.knet.losses import Match, extent_loss, mask_losses, match, resize_like, semantic_loss
 from instseg.registry import MODELS, TASK_UTILS
 
 
@@ -75,10 +75,10 @@ class ConvKernelHead(BaseModule):
         kernels = self.init_kernels.weight.flatten(1)[None] + torch.einsum('bnhw,bchw->bnc', hard_masks, features)
         return kernels, features, mask_logits, seg_logits
 
-    def loss(self, feats: List[Tensor], gts: List[InstanceData]) -> Tuple[Tuple[Tensor, Tensor, Tensor],
+    def loss(self, feats: List[Tensor], gts: List[InstanceData]) -> Tuple[Tuple[Tensor, Tensor, Tensor, List[Match]],
                                                                            Dict[str, Tensor]]:
         """Forward and the stage's losses against GT masks at their size (1/mask_stride); returns the
-        (kernels, features, mask logits) the update stages start from and the losses."""
+        (kernels, features, mask logits) the update stages start from, the masks' matching and the losses."""
         kernels, features, mask_logits, seg_logits = self(feats)
         matches = match(self.assigner, mask_logits, None, gts, self.num_classes)
         losses = mask_losses(self.loss_mask, self.loss_dice, mask_logits, matches, gts)
@@ -86,4 +86,4 @@ class ConvKernelHead(BaseModule):
                                            matches, gts)
         if self.loss_extent is not None:
             losses['loss_extent'] = extent_loss(self.loss_extent, self.conv_extent(features), gts)
-        return (kernels, features, mask_logits), {k.replace('loss_', 'loss_rpn_'): v for k, v in losses.items()}
+        return (kernels, features, mask_logits, matches), {k.replace('loss_', 'loss_rpn_'): v for k, v in losses.items()}

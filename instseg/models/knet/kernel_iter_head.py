@@ -74,12 +74,16 @@ class KernelIterHead(BaseModule):
             outputs.append((cls_logits, mask_logits))
         return outputs
 
-    def loss(self, features: Tensor, kernels: Tensor, mask_logits: Tensor,
-             gts: List[InstanceData]) -> Dict[str, Tensor]:
+    def loss(self, features: Tensor, kernels: Tensor, mask_logits: Tensor, gts: List[InstanceData],
+             first_matches: Optional[List[Match]] = None) -> Dict[str, Tensor]:
+        """``first_matches``: the matching of ``mask_logits`` (no class scores) by this head's assigner,
+        when the caller has it already (the RPN-like stage's own)."""
         num_kernels = kernels.shape[1]
         # Each stage is matched on the previous stage's predictions, which it refines; the first on the
         # RPN-like stage's masks, known before any update.
-        matches = match(self.assigner, mask_logits, None, gts, self.mask_head[0].num_classes)
+        matches = first_matches
+        if matches is None:
+            matches = match(self.assigner, mask_logits, None, gts, self.mask_head[0].num_classes)
         padding = attn_mask = None
         if self.denoising_weight > 0:  # the group runs beside the kernels, in its own attention block
             group_kernels, group_logits, group_padding, group_matches = self._denoising_group(
