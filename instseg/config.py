@@ -212,6 +212,8 @@ def _dataloader(data, split, schedule, *, train: bool, semantic: bool = False) -
     resize = dict(type='Resize', scale=scale, keep_ratio=True)
     prefix = dict(img=split['img'])
     if train:
+        if data.get('cache_decoded'):  # runs saved before the key have none: off
+            load = [dict(type='CachedLoading', transforms=load)]
         if data.get('train_scales'):  # multi-scale training: one of the scales per image
             resize = dict(type='RandomChoiceResize', scales=[tuple(s) for s in data['train_scales']],
                           keep_ratio=True)

@@ -1,4 +1,5 @@
-"""Loading that fails in one line: an image (or semantic map) that cannot be read or decoded mid-run.
+"""Loading that fails in one line: an image (or semantic map) that cannot be read or decoded mid-run;
+loading once per image for small data sets (``CachedLoading``).
 
 validate.py decodes only a sample of the image files before a run; a file truncated or corrupt beyond
 that sample (a copy cut short, a bad disk) otherwise stops training hours in with mmcv's bare
@@ -7,10 +8,12 @@ None). These raise ``ConfigError`` naming the file, which the tools print as one
 saved so far stay in the work_dir for ``resume=true``. OpenCV's own warning about the file (printed
 from C before the decode returns None) is held back while they load, so that line is the only one.
 """
+import copy
 from contextlib import contextmanager
+from typing import Dict, List
 
 from cv2.utils import logging as cv2_logging
-from mmcv.transforms import LoadImageFromFile
+from mmcv.transforms import BaseTransform, Compose, LoadImageFromFile
 from mmdet.datasets.transforms import LoadAnnotations
 
 from instseg.errors import ConfigError
@@ -58,3 +61,22 @@ class LoadAnnotationsChecked(LoadAnnotations):
                 super()._load_seg_map(results)
         except Exception as e:  # noqa: BLE001 - a None decode fails in .squeeze(): the file's fault too
             raise _unreadable('semantic map', results['seg_map_path'], e) from None
+
+
+@TRANSFORMS.register_module()
+class CachedLoading(BaseTransform):
+    """``transforms`` (the loading of an image and its annotations) run once per image file, their result
+    kept in memory and a copy of it returned every later epoch (``data.cache_decoded``). For small data sets
+    read many times: on the synthetic set reading and decoding was ~8 % of a K-Net CPU iteration. Loading
+    draws no random numbers, so a run is the same with the cache as without, bit for bit; the random
+    transforms after it run every time. Each data-loader worker process keeps a cache of its own."""
+
+    def __init__(self, transforms: List[dict]) -> None:
+        self.transforms = Compose([TRANSFORMS.build(t) if isinstance(t, dict) else t for t in transforms])
+        self._cache: Dict[tuple, dict] = {}
+
+    def transform(self, results: dict) -> dict:
+        key = (results['img_path'], results.get('sample_idx'))  # one file listed twice: two entries
+        if key not in self._cache:
+            self._cache[key] = self.transforms(results)
+        return copy.deepcopy(self._cache[key])  # the transforms after this one change it in place

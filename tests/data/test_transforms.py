@@ -53,3 +53,34 @@ def test_an_error_from_a_dataloader_worker_is_one_line():
         wrapped.reraise()
     assert '\n' in str(info.value)  # torch's: the worker's traceback around the message
     assert one_line(info.value) == 'image /data/a.png: cannot be read or decoded (truncated or corrupt); replace it'
+
+
+def test_cached_loading_reads_each_image_once_and_hands_out_copies(tmp_path):
+    from instseg.data.transforms import CachedLoading
+    path = tmp_path / 'a.png'
+    first = np.random.default_rng(0).integers(0, 255, (12, 16, 3), dtype=np.uint8)
+    _png(path, first)
+    load = CachedLoading([dict(type='LoadImageChecked')])
+    results = load(dict(img_path=str(path), sample_idx=0))
+    assert np.array_equal(results['img'], first)
+    results['img'][:] = 0  # what a later transform does in place
+    _png(path, np.zeros_like(first))  # the file changes: the cache is what a second epoch sees
+    assert np.array_equal(load(dict(img_path=str(path), sample_idx=0))['img'], first)
+    # the same file as another entry of the data set is loaded as its own
+    assert not load(dict(img_path=str(path), sample_idx=1))['img'].any()
+
+
+def test_the_synthetic_set_caches_its_decoded_train_images_and_coco_does_not():
+    from instseg.cli import compose
+    from instseg.config import to_mmengine
+
+    def first_transform(*overrides):
+        mm = to_mmengine(compose('train', ['model=mask_rcnn', 'work_dir=/tmp/unused', *overrides]))
+        return mm.train_dataloader.dataset.pipeline[0], mm.val_dataloader.dataset.pipeline[0]
+
+    train, val = first_transform()
+    assert train['type'] == 'CachedLoading' and [t['type'] for t in train['transforms']] == [
+        'LoadImageChecked', 'LoadAnnotationsChecked']
+    assert val['type'] == 'LoadImageChecked'  # read once per evaluation: nothing to gain
+    assert first_transform('data.cache_decoded=false')[0]['type'] == 'LoadImageChecked'
+    assert first_transform('data=coco', 'data.classes=[a]')[0]['type'] == 'LoadImageChecked'
