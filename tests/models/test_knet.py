@@ -222,7 +222,6 @@ def test_loss_is_finite_and_reaches_the_kernels_with_an_image_without_gt():
     assert losses['s2_loss_dice'].item() == 0.0
 
 
-
 @pytest.mark.parametrize('fit', ['cpu', 'reference'])
 def test_the_first_stage_reuses_the_rpn_like_stages_matching_with_the_same_losses(fit):
     samples = [_sample([[4, 4, 30, 20], [30, 30, 60, 62], [40, 2, 62, 20]], [0, 4, 2]), _sample([[8, 8, 40, 40]], [1])]
@@ -242,6 +241,8 @@ def test_the_first_stage_matches_on_its_own_with_an_assigner_of_its_own():
     model = build_model(compose('train', ['model=knet', 'fit=reference', *TINY,
                                           'model.train_cfg.rcnn.assigner.match_costs.0.weight=1.0']))
     assert not model.share_rpn_matching
+
+
 def test_extent_targets_are_each_pixels_distances_to_its_own_objects_box_edges():
     masks = torch.zeros(2, 8, 10)
     masks[0, 2:5, 1:7] = 1
